@@ -1,0 +1,158 @@
+"""Containers for captured curvature and the conventions every method shares.
+
+`Curvature` is what a capture function (`soo.linen_curvature`, `soo.nnx_curvature`)
+returns next to the loss and the gradients; every second-order transformation takes it
+through the `curvature=` extra argument of `update`.
+
+This file also holds the shared state conventions: when statistics and inverses are
+refreshed (`is_due`, `refresh`), how running averages start (`running_average`: the first
+update takes the batch statistic itself) and how hyperparameters that may be schedules are
+read (`hyperparameter_value`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+LayerPath = Tuple[Any, ...]
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+
+
+@flax.struct.dataclass(frozen=True)
+class ConvConfig:
+  """Static configuration of a captured convolution (flax `nn.Conv` / `nnx.Conv`).
+
+  Attributes:
+    kernel_size: spatial kernel size, one entry per spatial dimension.
+    strides: window strides.
+    padding: padding given to `lax.conv_general_dilated` *after* `pre_pad` has been
+      applied: 'SAME', 'VALID' or a tuple of (low, high) pairs.
+    input_dilation: lhs dilation.
+    kernel_dilation: rhs dilation.
+    pre_pad: padding applied to the raw input before the convolution, as
+      `(numpy pad mode, ((low, high), ...) per spatial dim)`, for flax's 'CIRCULAR',
+      'REFLECT' and 'CAUSAL' paddings; `None` otherwise.
+  """
+
+  kernel_size: Tuple[int, ...]
+  strides: Tuple[int, ...]
+  padding: Any
+  input_dilation: Tuple[int, ...]
+  kernel_dilation: Tuple[int, ...]
+  pre_pad: Optional[Tuple[str, Tuple[Tuple[int, int], ...]]] = None
+
+
+@flax.struct.dataclass
+class LayerStats:
+  """Per-example statistics of one captured layer.
+
+  Attributes:
+    inputs: the layer's inputs, per example, as the layer saw them. Shape
+      `(*stack, B, [calls,] *locations, d_in)` for dense layers and
+      `(*stack, B, [calls,] *spatial, c_in)` for convolutions.
+    output_grads: `d loss_n / d output_n` per example at the Fisher targets (not divided
+      by the batch size). Shape `(*stack, B, [calls,] *locations, d_out)`.
+    kind: 'dense' or 'conv'.
+    kernel_shape: shape of the layer's kernel without stacking axes.
+    has_bias: whether the layer has a bias (the homogeneous coordinate).
+    conv: the static convolution configuration, `None` for dense layers.
+    calls: how many times the layer ran in the forward pass; when more than one the
+      inputs and output gradients carry a `calls` axis right after the batch axis
+      (a shared module: its per-example gradient sums over the calls).
+    stack_ndim: number of leading stacking axes (a layer inside `nn.scan` / `nn.vmap`
+      has its parameters and its statistics stacked along them).
+  """
+
+  inputs: Array
+  output_grads: Array
+  kind: str = flax.struct.field(pytree_node=False, default="dense")
+  kernel_shape: Tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
+  has_bias: bool = flax.struct.field(pytree_node=False, default=True)
+  conv: Optional[ConvConfig] = flax.struct.field(pytree_node=False, default=None)
+  calls: int = flax.struct.field(pytree_node=False, default=1)
+  stack_ndim: int = flax.struct.field(pytree_node=False, default=0)
+
+  @property
+  def batch_size(self) -> int:
+    return self.inputs.shape[self.stack_ndim]
+
+
+@flax.struct.dataclass
+class Curvature:
+  """Curvature information captured from one forward/backward pass.
+
+  Attributes:
+    layers: dict from the module path of each captured layer (the same path as its
+      parameters in `params`, e.g. `("Dense_0",)`) to its `LayerStats`.
+    fisher_grads: parameter gradients of the mean loss at the Fisher targets (sampled
+      from the model, or the given targets for `fisher="empirical"`).
+    fisher: 'sampled' or 'empirical'.
+  """
+
+  layers: Dict[LayerPath, LayerStats]
+  fisher_grads: Any
+  fisher: str = flax.struct.field(pytree_node=False, default="sampled")
+
+
+def path_to_str(path: LayerPath) -> str:
+  """Human/state key for a layer path: `("Encoder_0", "Dense_1") -> "Encoder_0/Dense_1"`."""
+  return "/".join(str(p) for p in path)
+
+
+def hyperparameter_value(value: ScalarOrSchedule, count: Array) -> Array:
+  """Reads a hyperparameter that is a number, an array or an optax schedule of `count`."""
+  if callable(value):
+    return jnp.asarray(value(count), jnp.float32)
+  return jnp.asarray(value, jnp.float32)
+
+
+def is_due(count: Array, every: int) -> Array:
+  """True at steps where `count % every == 0` (step 0 always)."""
+  if every < 1:
+    raise ValueError(f"refresh periods must be >= 1, got {every}")
+  return count % every == 0
+
+
+def running_average(old: Any, new: Any, decay: ScalarOrSchedule, first: Array) -> Any:
+  """EMA `decay * old + (1 - decay) * new`; the first update returns `new` itself."""
+  weight = jnp.where(first, 0.0, jnp.asarray(decay, jnp.float32))
+  return jax.tree.map(
+      lambda o, n: (weight * o + (1.0 - weight) * n).astype(o.dtype), old, new)
+
+
+def refresh(due: Array, compute: Callable[[], Any], previous: Any) -> Any:
+  """`compute()` when `due`, else `previous`, under `lax.cond` (no work when not due)."""
+  return lax.cond(due, compute, lambda: previous)
+
+
+def all_finite(tree: Any) -> Array:
+  """True when every floating leaf of `tree` is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.asarray(True)
+  return jnp.stack(leaves).all()
+
+
+def select_tree(pred: Array, on_true: Any, on_false: Any) -> Any:
+  """Leafwise `jnp.where(pred, on_true, on_false)` over two trees of equal structure."""
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def stats_dtype(dtype: Any) -> Any:
+  """Statistics accumulate in float32 at least, whatever the parameter dtype."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def check_stats(stats: LayerStats, name: str) -> None:
+  """Validates the static shape relations of a `LayerStats` (clear errors, not traces)."""
+  chex.assert_equal(stats.inputs.shape[:stats.stack_ndim + 1],
+                    stats.output_grads.shape[:stats.stack_ndim + 1],
+                    custom_message=f"layer {name}: inputs and output_grads batch axes differ")

@@ -1,0 +1,199 @@
+"""What the linen and NNX captures share: layer descriptions, the two-cotangent pullback,
+and the assembly of `LayerStats` from what a forward pass recorded.
+
+Both captures run the model once, with every supported layer's input recorded and a zero
+"perturbation" added to its output. One VJP of `(params, perturbations) -> outputs` is then
+pulled back twice: with the cotangent of the mean loss at the given targets (loss, grads)
+and with the cotangent of the summed loss at the Fisher targets (per-example output grads =
+the perturbations' gradients; `fisher_grads`). With `fisher="empirical"` the two cotangents
+are proportional and one pullback serves both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from secondorder_optax._src.base import ConvConfig, Curvature, LayerPath, LayerStats, path_to_str
+from secondorder_optax._src.losses import LossFamily
+
+Array = jax.Array
+FISHER_KINDS = ("sampled", "empirical")
+
+
+class UnsupportedLayerError(ValueError):
+  """A layer the capture recognises but cannot produce exact statistics for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """Static description of a captured layer, recorded while tracing the forward pass."""
+
+  kind: str
+  has_bias: bool
+  conv: Optional[ConvConfig] = None
+
+  @property
+  def kernel_ndim(self) -> int:
+    return 2 if self.kind == "dense" else len(self.conv.kernel_size) + 2
+
+
+def check_fisher(fisher: str) -> None:
+  if fisher not in FISHER_KINDS:
+    raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
+
+
+def check_loss_family(loss_family: Any) -> None:
+  if not isinstance(loss_family, LossFamily):
+    raise TypeError(
+        f"loss_family must be a soo.losses family (e.g. soo.losses.softmax_cross_entropy), "
+        f"got {loss_family!r}")
+
+
+def _broadcast(value: Any, n: int) -> Tuple[int, ...]:
+  if value is None:
+    return (1,) * n
+  if isinstance(value, int):
+    return (value,) * n
+  return tuple(int(v) for v in value)
+
+
+def conv_config(name: str, kernel_size: Any, strides: Any, padding: Any,
+                input_dilation: Any, kernel_dilation: Any) -> ConvConfig:
+  """Resolves a flax-style conv configuration (linen or NNX) to a static `ConvConfig`.
+
+  Replicates flax's handling of 'CIRCULAR', 'REFLECT' and 'CAUSAL' paddings (the input is
+  padded before a 'VALID' convolution), so patches match what the layer computed.
+  """
+  kernel_size = _broadcast(kernel_size, 1) if isinstance(kernel_size, int) else tuple(kernel_size)
+  n = len(kernel_size)
+  strides = _broadcast(strides, n)
+  input_dilation = _broadcast(input_dilation, n)
+  kernel_dilation = _broadcast(kernel_dilation, n)
+  pre_pad = None
+  if isinstance(padding, str):
+    mode = padding.upper()
+    if mode in ("CIRCULAR", "REFLECT"):
+      dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
+      pre_pad = ({"CIRCULAR": "wrap", "REFLECT": "reflect"}[mode],
+                 tuple(((k - 1) // 2, k // 2) for k in dilated))
+      padding = "VALID"
+    elif mode == "CAUSAL":
+      if n != 1:
+        raise UnsupportedLayerError(f"layer {name}: CAUSAL padding is only defined for 1-D convs")
+      pre_pad = ("constant", ((kernel_dilation[0] * (kernel_size[0] - 1), 0),))
+      padding = "VALID"
+    elif mode in ("SAME", "VALID", "SAME_LOWER"):
+      padding = mode
+    else:
+      raise UnsupportedLayerError(f"layer {name}: unknown padding {padding!r}")
+  elif isinstance(padding, int):
+    padding = ((padding, padding),) * n
+  else:
+    pads = []
+    for p in padding:
+      pads.append((int(p), int(p)) if isinstance(p, int) else (int(p[0]), int(p[1])))
+    if len(pads) == 1 and n > 1:
+      pads = pads * n
+    padding = tuple(pads)
+  return ConvConfig(kernel_size=kernel_size, strides=strides, padding=padding,
+                    input_dilation=input_dilation, kernel_dilation=kernel_dilation,
+                    pre_pad=pre_pad)
+
+
+def pullback(outputs: Array, vjp_fn: Callable, loss_family: LossFamily, targets: Array,
+             rng: Optional[jax.Array], fisher: str):
+  """Loss and both pullbacks of one VJP.
+
+  Returns:
+    `(loss, grads, fisher_grads, output_cotangents)` where `output_cotangents` is the
+    pullback of the summed Fisher-target loss to the perturbations (per-example output grads).
+  """
+  loss_family.check_targets(outputs, targets)
+  batch = outputs.shape[0]
+
+  def mean_loss(out, tgt):
+    return loss_family.per_example_loss(out, tgt).mean()
+
+  loss, ct_true = jax.value_and_grad(mean_loss)(outputs, targets)
+  if fisher == "empirical":
+    param_ct, perturb_ct = vjp_fn((ct_true * batch).astype(outputs.dtype))
+    grads = jax.tree.map(lambda g: g / batch, param_ct)
+    return loss, grads, grads, perturb_ct
+  if rng is None:
+    raise ValueError("fisher='sampled' needs an rng to sample targets from the model; pass "
+                     "rng=jax.random.key(...) or use fisher='empirical'")
+  fisher_targets = loss_family.sample(rng, jax.lax.stop_gradient(outputs))
+  ct_fisher = jax.grad(lambda o: loss_family.per_example_loss(o, fisher_targets).sum())(outputs)
+  grads, _ = vjp_fn(ct_true.astype(outputs.dtype))
+  fisher_param_ct, perturb_ct = vjp_fn(ct_fisher.astype(outputs.dtype))
+  fisher_grads = jax.tree.map(lambda g: g / batch, fisher_param_ct)
+  return loss, grads, fisher_grads, perturb_ct
+
+
+def _stack_calls(values: Sequence[Array], stack_ndim: int, name: str, what: str) -> Array:
+  if len(values) == 1:
+    return values[0]
+  shapes = {tuple(v.shape) for v in values}
+  if len(shapes) != 1:
+    raise UnsupportedLayerError(
+        f"layer {name} was called {len(values)} times with {what} of different shapes "
+        f"{sorted(shapes)}; a shared layer must see the same shape at every call")
+  return jnp.stack(values, axis=stack_ndim + 1)
+
+
+def assemble(specs: Dict[LayerPath, LayerSpec], inputs: Dict[LayerPath, Sequence[Array]],
+             output_grads: Dict[LayerPath, Sequence[Array]],
+             kernels: Dict[LayerPath, Any], how_to_fix: str) -> Dict[LayerPath, LayerStats]:
+  """Builds `LayerStats` for every layer that ran, checking none lost its statistics."""
+  if not specs:
+    raise ValueError(
+        "the model has no capturable layer (nn.Dense / nn.Conv, nnx.Linear / nnx.Conv); "
+        "second-order methods need at least one, shape-only methods (soo.tnt, soo.shampoo) "
+        "work from gradients alone")
+  layers = {}
+  for path, spec in specs.items():
+    name = path_to_str(path)
+    xs, gs = inputs.get(path), output_grads.get(path)
+    if not xs or not gs or len(xs) != len(gs):
+      raise ValueError(
+          f"layer {name} ran but produced no statistics. {how_to_fix}")
+    kernel_shape = tuple(kernels[path].shape)
+    stack_ndim = len(kernel_shape) - spec.kernel_ndim
+    layers[path] = LayerStats(
+        inputs=_stack_calls(list(xs), stack_ndim, name, "inputs"),
+        output_grads=_stack_calls(list(gs), stack_ndim, name, "outputs"),
+        kind=spec.kind,
+        kernel_shape=kernel_shape[stack_ndim:],
+        has_bias=spec.has_bias,
+        conv=spec.conv,
+        calls=len(xs),
+        stack_ndim=stack_ndim,
+    )
+  return layers
+
+
+def nested_get(tree: Any, path: LayerPath, default: Any = None) -> Any:
+  node = tree
+  for key in path:
+    try:
+      node = node[key]
+    except (KeyError, IndexError, TypeError):
+      return default
+  return node
+
+
+def check_batch(inputs: Any, targets: Any) -> None:
+  leaves = jax.tree.leaves(inputs)
+  if leaves and hasattr(targets, "shape") and targets.shape and leaves[0].shape[:1] != targets.shape[:1]:
+    raise ValueError(
+        f"inputs have batch size {leaves[0].shape[0]} but targets have {targets.shape[0]}; "
+        "the leading axis of both is the example axis")
+
+
+def make_curvature(layers, fisher_grads, fisher) -> Curvature:
+  return Curvature(layers=layers, fisher_grads=fisher_grads, fisher=fisher)
+

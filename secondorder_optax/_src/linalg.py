@@ -1,0 +1,119 @@
+"""Batched linear algebra shared by every method (DESIGN §6).
+
+All functions act on one matrix and are meant to run over many same-shape matrices at once:
+`bucketed(fn, items)` groups a dict of items by the shapes of their arrays, stacks each
+group, runs `jax.vmap(fn)` once per group and puts the results back under their keys. So a
+model with forty 16×16 mini-blocks and three 1000×1000 factors makes two calls, not 43.
+
+`keep_finite(new, old)` keeps the previous result where a new one is not finite and counts
+the failures, so that one bad inversion never corrupts the optimizer state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Hashable, Tuple
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+from jax import lax
+
+from secondorder_optax._src.base import all_finite
+
+Array = jax.Array
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def symmetrize(matrix: Array) -> Array:
+  """`(M + Mᵀ) / 2` over the last two axes."""
+  return 0.5 * (matrix + jnp.swapaxes(matrix, -1, -2))
+
+
+def add_to_diagonal(matrix: Array, value: Array) -> Array:
+  """`M + value * I` over the last two axes (`value` broadcasts over leading axes)."""
+  eye = jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
+  return matrix + jnp.asarray(value, matrix.dtype)[..., None, None] * eye
+
+
+def damped_inverse(matrix: Array, damping: Array) -> Array:
+  """`(M + λI)⁻¹` of a symmetric PSD matrix by Cholesky."""
+  damped = add_to_diagonal(symmetrize(matrix), damping)
+  factor = jnp.linalg.cholesky(damped)
+  eye = jnp.broadcast_to(jnp.eye(matrix.shape[-1], dtype=matrix.dtype), matrix.shape)
+  return symmetrize(jsl.cho_solve((factor, True), eye))
+
+
+def damped_solve(matrix: Array, rhs: Array, damping: Array) -> Array:
+  """`(M + λI)⁻¹ rhs` of a symmetric PSD matrix by Cholesky (`rhs`: vector or matrix)."""
+  damped = add_to_diagonal(symmetrize(matrix), damping)
+  factor = jnp.linalg.cholesky(damped)
+  return jsl.cho_solve((factor, True), rhs)
+
+
+def eigh(matrix: Array, min_eigenvalue: float = 0.0) -> Tuple[Array, Array]:
+  """Eigendecomposition of a symmetric matrix with eigenvalues clamped below.
+
+  Returns:
+    `(eigenvalues, eigenvectors)` with `M ≈ Q diag(λ) Qᵀ`, `λ >= min_eigenvalue`.
+  """
+  values, vectors = jnp.linalg.eigh(symmetrize(matrix))
+  return jnp.maximum(values, min_eigenvalue), vectors
+
+
+def inverse_root(matrix: Array, p: float, damping: Array) -> Array:
+  """`(M + λI)^(-1/p)` of a symmetric PSD matrix via `eigh` (eigenvalues clamped at 0)."""
+  values, vectors = eigh(matrix)
+  scaled = vectors * (values + damping) ** (-1.0 / p)
+  return jnp.matmul(scaled, vectors.T, precision=_HIGHEST)
+
+
+def keep_finite(new: Any, old: Any) -> Tuple[Any, Array]:
+  """`(new, 0)` where every leaf of `new` is finite, else `(old, 1)`."""
+  ok = all_finite(new)
+  kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  return kept, jnp.where(ok, 0, 1).astype(jnp.int32)
+
+
+def _signature(item: Any) -> Hashable:
+  leaves, treedef = jax.tree.flatten(item)
+  return (treedef, tuple((tuple(x.shape), jnp.asarray(x).dtype.name) for x in leaves))
+
+
+def bucketed(fn: Callable[..., Any], items: Dict[Hashable, Any]) -> Dict[Hashable, Any]:
+  """Runs `fn` on every item, one `vmap`ped call per group of same-shape items.
+
+  Args:
+    fn: function of one item (a pytree of arrays) returning a pytree.
+    items: dict from any key to an item.
+
+  Returns:
+    dict with the same keys, `fn(item)` under each.
+  """
+  groups: Dict[Hashable, list] = {}
+  for key, item in items.items():
+    groups.setdefault(_signature(item), []).append(key)
+  results = {}
+  batched_fn = jax.vmap(fn)
+  for keys in groups.values():
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[items[k] for k in keys])
+    out = batched_fn(stacked)
+    for i, key in enumerate(keys):
+      results[key] = jax.tree.map(lambda x, i=i: x[i], out)
+  return results
+
+
+def bucketed_keep_finite(fn: Callable[[Any], Any], items: Dict[Hashable, Any],
+                         previous: Dict[Hashable, Any]) -> Tuple[Dict[Hashable, Any], Array]:
+  """`bucketed(fn, items)`, keeping each previous result whose new one is not finite.
+
+  Returns:
+    `(results, failures)`: the kept results and the number of items that failed.
+  """
+  def guarded(pair):
+    item, prev = pair
+    return keep_finite(fn(item), prev)
+
+  out = bucketed(guarded, {k: (items[k], previous[k]) for k in items})
+  results = {k: v[0] for k, v in out.items()}
+  failures = sum((v[1] for v in out.values()), jnp.zeros((), jnp.int32))
+  return results, failures

@@ -1,0 +1,151 @@
+"""optax contract checks shared by every method's tests (DESIGN §7).
+
+`check_optax_contract(soo.kfac, learning_rate=..., damping=...)` runs, on the tiny MLP:
+jit with no recompilation over 30 steps, stable state structure/shapes/dtypes,
+convergence, `optax.chain`, `inject_hyperparams` (learning rate and damping changed
+between steps without recompiling), `MultiSteps`, `apply_if_finite` with a non-finite
+gradient, and bf16 parameters. Each check asserts; a failing method fails its test.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import secondorder_optax as soo
+from tests import models
+
+
+def _problem(fisher="sampled"):
+  model, params, x, y, family = models.mlp_problem(batch=32, d_in=4, classes=3, seed=3)
+  # Learnable labels: a fixed random teacher.
+  teacher = jax.random.normal(jax.random.key(7), (4, 3))
+  y = jnp.argmax(x @ teacher, axis=-1)
+  curv_fn = soo.linen_curvature(model, family, fisher=fisher)
+  return params, x, y, curv_fn
+
+
+def _structure(tree):
+  return jax.tree.map(lambda a: (jnp.shape(a), jnp.asarray(a).dtype), tree)
+
+
+def _make_step(tx, curv_fn, pass_curvature):
+  @jax.jit
+  def step(params, state, x, y, rng):
+    loss, grads, curvature = curv_fn(params, x, y, rng)
+    extra = {"curvature": curvature} if pass_curvature else {}
+    updates, state = tx.update(grads, state, params, **extra)
+    return optax.apply_updates(params, updates), state, loss
+  return step
+
+
+def check_jit_convergence(factory, *, steps=30, pass_curvature=True, **hparams):
+  params, x, y, curv_fn = _problem()
+  tx = factory(**hparams)
+  state = tx.init(params)
+  step = _make_step(tx, curv_fn, pass_curvature)
+  first_structure = _structure(state)
+  losses = []
+  for i in range(steps):
+    params, state, loss = step(params, state, x, y, jax.random.key(i))
+    losses.append(float(loss))
+  assert step._cache_size() == 1, "the step recompiled"
+  assert _structure(state) == first_structure, "state structure/shapes/dtypes changed"
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < 0.7 * losses[0], f"did not converge: {losses[0]} -> {losses[-1]}"
+  return losses
+
+
+def check_chain_and_inject(scale_by, full_factory, *, learning_rate, damping, **hparams):
+  """`optax.chain(clip, scale_by_<m>, scale)` and `inject_hyperparams(<m>)` both train."""
+  params, x, y, curv_fn = _problem()
+  chained = optax.chain(optax.clip_by_global_norm(10.0), scale_by(damping=damping, **hparams),
+                        optax.scale(-learning_rate))
+  state = chained.init(params)
+  step = _make_step(chained, curv_fn, True)
+  p = params
+  for i in range(3):
+    p, state, _ = step(p, state, x, y, jax.random.key(i))
+  assert all(np.all(np.isfinite(l)) for l in jax.tree.leaves(p))
+
+  injected = optax.inject_hyperparams(full_factory)(learning_rate=learning_rate,
+                                                      damping=damping, **hparams)
+  state = injected.init(params)
+  step = _make_step(injected, curv_fn, True)
+  p = params
+  p, state, _ = step(p, state, x, y, jax.random.key(0))
+  state.hyperparams["learning_rate"] = jnp.asarray(learning_rate / 2)
+  state.hyperparams["damping"] = jnp.asarray(damping * 2)
+  p, state, _ = step(p, state, x, y, jax.random.key(1))
+  assert step._cache_size() == 1, "changing injected hyperparameters recompiled"
+  # Zero learning rate must give no movement.
+  state.hyperparams["learning_rate"] = jnp.asarray(0.0)
+  p2, state, _ = step(p, state, x, y, jax.random.key(2))
+  for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def check_multisteps_and_nonfinite(factory, **hparams):
+  """`MultiSteps` accumulates; a NaN gradient leaves params and state untouched."""
+  params, x, y, curv_fn = _problem()
+  multi = optax.MultiSteps(factory(**hparams), every_k_schedule=2)
+  state = multi.init(params)
+  step = _make_step(multi, curv_fn, True)
+  p1, state, _ = step(params, state, x, y, jax.random.key(0))
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # accumulating
+  p2, state, _ = step(p1, state, x, y, jax.random.key(1))
+  assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1)))
+
+  tx = optax.apply_if_finite(factory(**hparams), max_consecutive_errors=5)
+  state = tx.init(params)
+  loss, grads, curvature = curv_fn(params, x, y, jax.random.key(0))
+  bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
+  updates, new_state = tx.update(bad, state, params, curvature=curvature)
+  assert int(new_state.notfinite_count) == 1
+  for a, b in zip(jax.tree.leaves(new_state.inner_state), jax.tree.leaves(state.inner_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Without apply_if_finite, the method's own state is untouched by a NaN gradient.
+  raw = factory(**hparams)
+  raw_state = raw.init(params)
+  _, raw_new = raw.update(bad, raw_state, params, curvature=curvature)
+  for a, b in zip(jax.tree.leaves(raw_new), jax.tree.leaves(raw_state)):
+    a, b = np.asarray(a), np.asarray(b)
+    if np.issubdtype(a.dtype, np.floating):
+      assert np.all(np.isfinite(a)), "a NaN gradient leaked into the optimizer state"
+  # Non-finite curvature statistics are rejected the same way.
+  bad_curv = jax.tree.map(lambda s: s * jnp.nan, curvature)
+  _, raw_new = raw.update(grads, raw_state, params, curvature=bad_curv)
+  for a in jax.tree.leaves(raw_new):
+    a = np.asarray(a)
+    if np.issubdtype(a.dtype, np.floating):
+      assert np.all(np.isfinite(a)), "NaN statistics leaked into the optimizer state"
+
+
+def check_bf16(factory, **hparams):
+  """bf16 parameters: updates come back in bf16 and stay finite."""
+  params, x, y, curv_fn = _problem()
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+  tx = factory(**hparams)
+  state = tx.init(params)
+  loss, grads, curvature = jax.jit(curv_fn)(params, x.astype(jnp.bfloat16), y, jax.random.key(0))
+  updates, state = jax.jit(lambda g, s, p, c: tx.update(g, s, p, curvature=c))(
+      grads, state, params, curvature)
+  for u in jax.tree.leaves(updates):
+    assert u.dtype == jnp.bfloat16
+    assert np.all(np.isfinite(np.asarray(u, np.float32)))
+
+
+def check_missing_curvature(factory, method_name, **hparams):
+  params, x, y, curv_fn = _problem()
+  tx = factory(**hparams)
+  state = tx.init(params)
+  _, grads, _ = curv_fn(params, x, y, jax.random.key(0))
+  try:
+    tx.update(grads, state, params)
+  except ValueError as e:
+    assert method_name in str(e) and "curvature" in str(e), str(e)
+  else:
+    raise AssertionError("no error without curvature=")
