@@ -1,8 +1,22 @@
-"""secondorder_optax: second-order (approximate natural-gradient) optimizers for optax."""
+"""secondorder_optax: second-order (approximate natural-gradient) optimizers for optax.
+
+Each method is an `optax.GradientTransformationExtraArgs`: `soo.scale_by_<method>(...)` gives
+the preconditioned direction, `soo.<method>(learning_rate, ...)` the full optimizer. Methods
+that need curvature take `curvature=` (from `soo.linen_curvature` / `soo.nnx_curvature`) in
+`update`.
+"""
 
 from secondorder_optax import losses
+from secondorder_optax._src.alias import build_optimizer
 from secondorder_optax._src.base import ConvConfig, Curvature, LayerStats
 from secondorder_optax._src.capture.linen import linen_curvature
+from secondorder_optax._src.describe import describe
+from secondorder_optax._src.layerwise import LayerwiseState
+# -- nnx exports (issue 2, nnx) --
+# -- kfac exports (issue 3) --
+# -- tnt/shampoo exports (issue 4) --
+# -- mbf exports (issue 5) --
+# -- seng exports (issue 6) --
 
 __version__ = "0.1.0"
 
@@ -10,6 +24,14 @@ __all__ = [
     "ConvConfig",
     "Curvature",
     "LayerStats",
+    "LayerwiseState",
+    "build_optimizer",
+    "describe",
     "linen_curvature",
     "losses",
+    # -- nnx names (issue 2, nnx) --
+    # -- kfac names (issue 3) --
+    # -- tnt/shampoo names (issue 4) --
+    # -- mbf names (issue 5) --
+    # -- seng names (issue 6) --
 ]
