@@ -76,15 +76,20 @@ def check_chain_and_inject(scale_by, full_factory, *, learning_rate, damping, **
   step = _make_step(injected, curv_fn, True)
   p = params
   p, state, _ = step(p, state, x, y, jax.random.key(0))
-  state.hyperparams["learning_rate"] = jnp.asarray(learning_rate / 2)
-  state.hyperparams["damping"] = jnp.asarray(damping * 2)
+  _set_hyperparam(state, "learning_rate", learning_rate / 2)
+  _set_hyperparam(state, "damping", damping * 2)
   p, state, _ = step(p, state, x, y, jax.random.key(1))
   assert step._cache_size() == 1, "changing injected hyperparameters recompiled"
   # Zero learning rate must give no movement.
-  state.hyperparams["learning_rate"] = jnp.asarray(0.0)
+  _set_hyperparam(state, "learning_rate", 0.0)
   p2, state, _ = step(p, state, x, y, jax.random.key(2))
   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p2)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _set_hyperparam(state, name, value):
+  old = state.hyperparams[name]
+  state.hyperparams[name] = jnp.asarray(value, dtype=old.dtype)
 
 
 def check_multisteps_and_nonfinite(factory, **hparams):

@@ -16,6 +16,7 @@ from typing import Optional
 import optax
 
 from secondorder_optax._src import layerwise
+from secondorder_optax._src.base import all_finite, select_tree
 
 
 def build_optimizer(
@@ -38,18 +39,40 @@ def build_optimizer(
   Returns:
     An `optax.GradientTransformationExtraArgs` forwarding `curvature=` to the preconditioner.
   """
-  momentum_tx = optax.trace(decay=momentum) if momentum else optax.identity()
+  # Python zeros/None skip a stage; traced values (inject_hyperparams) always keep it.
+  momentum_tx = optax.identity() if _is_zero(momentum) else optax.trace(decay=momentum)
   if precondition_momentum:
     parts = [momentum_tx, preconditioner]
   else:
     parts = [preconditioner]
-  if weight_decay:
+  if not _is_zero(weight_decay):
     parts.append(optax.add_decayed_weights(weight_decay))
   if not precondition_momentum:
     parts.append(momentum_tx)
   parts.append(optax.scale_by_learning_rate(learning_rate))
-  tx = optax.chain(*parts)
+  tx = keep_state_if_nonfinite(optax.chain(*parts))
   describe_fn = layerwise.description_of(preconditioner)
   if describe_fn is not None:
     layerwise.register_description(tx, describe_fn)
   return tx
+
+
+def _is_zero(value) -> bool:
+  return value is None or (isinstance(value, (int, float)) and value == 0)
+
+
+def keep_state_if_nonfinite(
+    tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """Leaves the whole state untouched when the gradients or `curvature` are not finite.
+
+  The updates are passed through (so a non-finite step stays visible); wrap the optimizer
+  in `optax.apply_if_finite` to skip such steps.
+  """
+  tx = optax.with_extra_args_support(tx)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, new_state = tx.update(updates, state, params, **extra_args)
+    finite = all_finite(updates) & all_finite(extra_args.get("curvature"))
+    return new_updates, select_tree(finite, new_state, state)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
