@@ -114,8 +114,12 @@ def hyperparameter_value(value: ScalarOrSchedule, count: Array) -> Array:
 
 
 def is_due(count: Array, every: int) -> Array:
-  """True at steps where `count % every == 0` (step 0 always)."""
-  if every < 1:
+  """True at steps where `count % every == 0` (step 0 always).
+
+  `every` may be traced (e.g. injected by `optax.inject_hyperparams`); only concrete values
+  are validated.
+  """
+  if not isinstance(every, jax.core.Tracer) and every < 1:
     raise ValueError(f"refresh periods must be >= 1, got {every}")
   return count % every == 0
 
