@@ -1,0 +1,60 @@
+"""Batched linear algebra and schedules (DESIGN §6)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from secondorder_optax._src import base, linalg
+
+
+def _spd(key, n, d):
+  x = jax.random.normal(key, (n, d, d + 2))
+  return x @ jnp.swapaxes(x, -1, -2) / d
+
+
+def test_damped_inverse_solve_and_roots_match_numpy():
+  mats = _spd(jax.random.key(0), 3, 5)
+  rhs = jax.random.normal(jax.random.key(1), (3, 5, 2))
+  inv = jax.vmap(linalg.damped_inverse, in_axes=(0, None))(mats, 0.1)
+  sol = jax.vmap(linalg.damped_solve, in_axes=(0, 0, None))(mats, rhs, 0.1)
+  root = jax.vmap(linalg.inverse_root, in_axes=(0, None, None))(mats, 4.0, 0.1)
+  for m, i, s, r, b in zip(np.asarray(mats, np.float64), inv, sol, root, np.asarray(rhs)):
+    damped = m + 0.1 * np.eye(5)
+    np.testing.assert_allclose(i, np.linalg.inv(damped), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(s, np.linalg.solve(damped, b), rtol=1e-4, atol=1e-5)
+    w, q = np.linalg.eigh(damped)
+    np.testing.assert_allclose(r, (q * w**-0.25) @ q.T, rtol=1e-4, atol=1e-5)
+  values, vectors = linalg.eigh(-jnp.eye(3), min_eigenvalue=0.0)
+  np.testing.assert_array_equal(values, np.zeros(3))
+
+
+def test_bucketed_groups_by_shape_and_keeps_previous_on_nonfinite():
+  calls = []
+
+  def fn(m):
+    calls.append(m.shape)
+    return linalg.damped_inverse(m, 1.0)
+
+  items = {"a": jnp.eye(2), "b": 2 * jnp.eye(2), "c": jnp.eye(3), "d": jnp.full((2, 2), jnp.nan)}
+  out = linalg.bucketed(fn, items)
+  assert len(calls) == 2  # one traced (vmapped) call per shape
+  np.testing.assert_allclose(out["b"], np.eye(2) / 3, rtol=1e-6)
+  np.testing.assert_allclose(out["c"], np.eye(3) / 2, rtol=1e-6)
+  previous = {k: jnp.zeros_like(v) for k, v in items.items()}
+  kept, failures = linalg.bucketed_keep_finite(
+      lambda m: linalg.damped_inverse(m, 1.0), items, previous)
+  assert int(failures) == 1
+  np.testing.assert_array_equal(kept["d"], np.zeros((2, 2)))
+  np.testing.assert_allclose(kept["a"], np.eye(2) / 2, rtol=1e-6)
+
+
+def test_schedules():
+  count = jnp.asarray(0)
+  assert bool(base.is_due(count, 5)) and not bool(base.is_due(jnp.asarray(3), 5))
+  first = base.running_average(jnp.ones(2), 3 * jnp.ones(2), 0.9, first=jnp.asarray(True))
+  np.testing.assert_allclose(first, [3.0, 3.0])
+  later = base.running_average(jnp.ones(2), 3 * jnp.ones(2), 0.9, first=jnp.asarray(False))
+  np.testing.assert_allclose(later, [1.2, 1.2], rtol=1e-6)
+  out = jax.jit(lambda due: base.refresh(due, lambda: jnp.ones(()), jnp.zeros(())))(False)
+  assert float(out) == 0.0
+  assert float(base.hyperparameter_value(lambda c: c * 2.0, jnp.asarray(3))) == 6.0
