@@ -14,8 +14,15 @@ from secondorder_optax._src.describe import describe
 from secondorder_optax._src.layerwise import LayerwiseState
 # -- nnx exports (issue 2, nnx) --
 # -- kfac exports (issue 3) --
+from secondorder_optax._src.kfac import (EigenLayerState, KroneckerLayerState, ekfac, kfac,
+                                         scale_by_ekfac, scale_by_kfac, scale_by_tekfac,
+                                         scale_by_tkfac, tekfac, tkfac)
 # -- tnt/shampoo exports (issue 4) --
+from secondorder_optax._src.shampoo import ShampooState, scale_by_shampoo, shampoo
+from secondorder_optax._src.tnt import TNTState, scale_by_tnt, tnt
 # -- mbf exports (issue 5) --
+from secondorder_optax._src.mbf import (MBFLayerState, MBFPartition, MiniBlocks, RowBlocks,
+                                       mbf, scale_by_mbf)
 # -- seng exports (issue 6) --
 
 __version__ = "0.1.0"
@@ -31,7 +38,29 @@ __all__ = [
     "losses",
     # -- nnx names (issue 2, nnx) --
     # -- kfac names (issue 3) --
+    "EigenLayerState",
+    "KroneckerLayerState",
+    "ekfac",
+    "kfac",
+    "scale_by_ekfac",
+    "scale_by_kfac",
+    "scale_by_tekfac",
+    "scale_by_tkfac",
+    "tekfac",
+    "tkfac",
     # -- tnt/shampoo names (issue 4) --
+    "ShampooState",
+    "TNTState",
+    "scale_by_shampoo",
+    "scale_by_tnt",
+    "shampoo",
+    "tnt",
     # -- mbf names (issue 5) --
+    "MBFLayerState",
+    "MBFPartition",
+    "MiniBlocks",
+    "RowBlocks",
+    "mbf",
+    "scale_by_mbf",
     # -- seng names (issue 6) --
 ]
