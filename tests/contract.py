@@ -9,6 +9,8 @@ gradient, and bf16 parameters. Each check asserts; a failing method fails its te
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,8 +72,12 @@ def check_chain_and_inject(scale_by, full_factory, *, learning_rate, damping, **
     p, state, _ = step(p, state, x, y, jax.random.key(i))
   assert all(np.all(np.isfinite(l)) for l in jax.tree.leaves(p))
 
-  injected = optax.inject_hyperparams(full_factory)(learning_rate=learning_rate,
-                                                      damping=damping, **hparams)
+  # Integer hyperparameters (refresh periods, block sizes) are structural: keep them static.
+  given = dict(hparams, learning_rate=learning_rate, damping=damping)
+  static = tuple(name for name, p in inspect.signature(full_factory).parameters.items()
+                 if _is_int(given.get(name, p.default)))
+  injected = optax.inject_hyperparams(full_factory, static_args=static)(
+      learning_rate=learning_rate, damping=damping, **hparams)
   state = injected.init(params)
   step = _make_step(injected, curv_fn, True)
   p = params
@@ -85,6 +91,10 @@ def check_chain_and_inject(scale_by, full_factory, *, learning_rate, damping, **
   p2, state, _ = step(p, state, x, y, jax.random.key(2))
   for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p2)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _is_int(value):
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _set_hyperparam(state, name, value):
