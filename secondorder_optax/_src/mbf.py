@@ -1,0 +1,527 @@
+"""MBF: the Mini-Block Fisher method (Bahamou, Goldfarb & Ren, AISTATS 2023; DESIGN §5).
+
+Every captured layer's block of the empirical Fisher is approximated by a block-diagonal
+matrix of many small *mini-blocks*. A mini-block `b` is a set of entries of the layer's
+matrix view `W̄ = [kernel; bias]` (DESIGN §4); its statistic is
+
+    M_b = EMA of E_n[vec(D_n|_b) vec(D_n|_b)ᵀ]
+
+with `D_n` the per-example weight gradient, and the direction on the block is
+`(M_b + λI)⁻¹ ∇|_b`.
+
+Which entries form the mini-blocks is a pluggable `MBFPartition`, chosen per layer:
+
+* `MiniBlocks(block_size)` (default, the paper's): a conv kernel `(kh, kw, c_in, c_out)` gives
+  one `kh·kw` block per `(c_in, c_out)` pair; a dense kernel gives, for every output unit,
+  its incoming weights in contiguous chunks of `block_size` inputs (a last, shorter chunk
+  when `block_size` does not divide `d_in`); the bias gives one 1×1 block per unit.
+* `RowBlocks()`: one block per output unit over all its incoming weights and its bias (for
+  narrow layers).
+
+Cost: statistics of dense layers seen once per example are weighted Grams of input chunks
+(`E_n[g_{n,j}² ā_c ā_cᵀ]`, one matrix product for the whole layer, only the upper triangle),
+so per-example weight gradients are never formed; conv layers (and dense layers seen at
+several locations per example) form them once per statistics refresh. All mini-blocks of
+equal size in the whole model are damped and inverted by Cholesky in one batched call under
+`lax.cond`; the inverses live in the state, so other steps only apply them.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+import math
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from secondorder_optax._src import alias, layerwise, linalg, patches
+from secondorder_optax._src.base import (Curvature, LayerPath, LayerStats, ScalarOrSchedule,
+                                         hyperparameter_value, is_due, path_to_str, refresh,
+                                         running_average, stats_dtype)
+from secondorder_optax._src.layerwise import LayerInfo
+
+Array = jax.Array
+_HIGHEST = lax.Precision.HIGHEST
+_FISHER_CHOICES = ("empirical", "sampled")
+
+
+# --------------------------------------------------------------------------------------
+# Packed symmetric storage: a size-s block is stored as its upper triangle (s(s+1)/2).
+
+
+@functools.lru_cache(maxsize=None)
+def _triu_indices(size: int) -> Tuple[np.ndarray, np.ndarray]:
+  return np.triu_indices(size)
+
+
+@functools.lru_cache(maxsize=None)
+def _symmetric_gather(size: int) -> np.ndarray:
+  """`(size, size)` positions of each entry of a symmetric block in its packed vector."""
+  rows, cols = _triu_indices(size)
+  where = np.zeros((size, size), np.int32)
+  where[rows, cols] = np.arange(rows.size)
+  where[cols, rows] = np.arange(rows.size)
+  return where
+
+
+def packed_size(size: int) -> int:
+  """Length `size (size + 1) / 2` of a packed symmetric `size × size` block."""
+  return size * (size + 1) // 2
+
+
+def pack(blocks: Array) -> Array:
+  """`(..., s, s)` symmetric blocks -> `(..., s(s+1)/2)` upper triangles (row-major)."""
+  rows, cols = _triu_indices(blocks.shape[-1])
+  return blocks[..., rows, cols]
+
+
+def unpack(packed: Array, size: int) -> Array:
+  """Inverse of `pack`: `(..., s(s+1)/2)` -> symmetric `(..., s, s)`."""
+  return packed[..., _symmetric_gather(size)]
+
+
+def packed_gram(vectors: Array) -> Array:
+  """`E_n[v_n v_nᵀ]` of per-example block vectors `(B, num_blocks, s)`, packed."""
+  gram = jnp.einsum("bns,bnr->nsr", vectors, vectors, precision=_HIGHEST)
+  return pack(gram) / vectors.shape[0]
+
+
+def weighted_chunk_gram(chunks: Array, weights: Array) -> Array:
+  """`E_n[w_{n,j} x_{n,c} x_{n,c}ᵀ]` for every unit j and chunk c, packed.
+
+  The dense mini-block statistic without per-example weight gradients: for a layer seen once
+  per example, `D_n|_{(j, c)} = g_{n,j} ā_{n,c}`, so its Gram is the Gram of the input chunk
+  weighted by `g_{n,j}²`. One matrix product over the batch computes all of them, on the
+  upper triangles only.
+
+  Args:
+    chunks: `(B, C, s)` input chunks.
+    weights: `(B, d_out)` per-example weights (squared output gradients).
+
+  Returns:
+    `(d_out * C, s(s+1)/2)`, block `(j, c)` at row `j * C + c`.
+  """
+  rows, cols = _triu_indices(chunks.shape[-1])
+  products = chunks[..., rows] * chunks[..., cols]
+  gram = jnp.einsum("bj,bcp->jcp", weights, products, precision=_HIGHEST) / chunks.shape[0]
+  return gram.reshape((-1, gram.shape[-1]))
+
+
+# --------------------------------------------------------------------------------------
+# Partitions.
+
+
+class MBFPartition(abc.ABC):
+  """How one layer's matrix view `W̄ = [kernel; bias]` is cut into mini-blocks.
+
+  A partition maps a `(d_in [+1], d_out)` matrix (a gradient, a direction or one example's
+  weight gradient `D_n`) to named groups of same-size blocks, `{name: (num_blocks, size)}`,
+  and back. Every entry must be in exactly one block. Subclasses implement `split` and
+  `merge`; `statistics` has a generic version (per-example gradients, then `split`) that a
+  subclass may replace by a cheaper formula. Partitions should be frozen dataclasses (they
+  are static configuration and compared by value).
+  """
+
+  @abc.abstractmethod
+  def split(self, matrix: Array, info: LayerInfo) -> Dict[str, Array]:
+    """`(d_in [+1], d_out)` matrix -> `{group: (num_blocks, size)}`."""
+
+  @abc.abstractmethod
+  def merge(self, blocks: Mapping[str, Array], info: LayerInfo) -> Array:
+    """Inverse of `split`."""
+
+  def statistics(self, stats: LayerStats, info: LayerInfo) -> Dict[str, Array]:
+    """Packed `E_n[vec(D_n|_b) vec(D_n|_b)ᵀ]` of every block: `{group: (num_blocks, s(s+1)/2)}`."""
+    per_example = patches.per_example_grads(stats)
+    vectors = jax.vmap(lambda d: self.split(d, info))(per_example)
+    return {name: packed_gram(v) for name, v in vectors.items()}
+
+
+def _is_dense(info: LayerInfo) -> bool:
+  return len(info.kernel_shape) == 2
+
+
+def _seen_once(stats: LayerStats) -> bool:
+  """A dense layer applied once per example (no locations, no repeated calls)."""
+  return stats.kind == "dense" and patches.num_locations(stats) == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MiniBlocks(MBFPartition):
+  """The MBF paper's partition (the default).
+
+  * Dense kernel `(d_in, d_out)`: for every output unit j, its incoming weights
+    `kernel[:, j]` in contiguous chunks of `block_size` inputs; group `"chunks"` holds the
+    full chunks (block `j * C + c` is chunk c of unit j), group `"last_chunk"` the shorter
+    remainder of each unit when `block_size` does not divide `d_in`. With
+    `block_size >= d_in` each unit's kernel weights are one block.
+  * Conv kernel `(*kernel_size, c_in, c_out)`: group `"spatial"`, one block of
+    `prod(kernel_size)` weights per `(c_in, c_out)` pair (block `i * c_out + o`).
+  * Bias: group `"bias"`, one 1×1 block per unit.
+
+  Attributes:
+    block_size: chunk length for dense kernels (ignored for convolutions).
+  """
+
+  block_size: int = 16
+
+  def __post_init__(self):
+    if not isinstance(self.block_size, (int, np.integer)) or self.block_size < 1:
+      raise ValueError(f"MiniBlocks: block_size must be an integer >= 1, got {self.block_size!r}")
+
+  def split(self, matrix, info):
+    d_rows = math.prod(info.kernel_shape[:-1])
+    kernel, d_out = matrix[:d_rows], matrix.shape[-1]
+    groups = {}
+    if _is_dense(info):
+      full, rest = divmod(d_rows, self.block_size)
+      if full:
+        chunked = kernel[:full * self.block_size].reshape(full, self.block_size, d_out)
+        groups["chunks"] = chunked.transpose(2, 0, 1).reshape(d_out * full, self.block_size)
+      if rest:
+        groups["last_chunk"] = kernel[full * self.block_size:].T
+    else:
+      spatial, c_in = math.prod(info.kernel_shape[:-2]), info.kernel_shape[-2]
+      blocks = kernel.reshape(spatial, c_in, d_out).transpose(1, 2, 0)
+      groups["spatial"] = blocks.reshape(c_in * d_out, spatial)
+    if info.has_bias:
+      groups["bias"] = matrix[d_rows][:, None]
+    return groups
+
+  def merge(self, blocks, info):
+    d_rows = math.prod(info.kernel_shape[:-1])
+    d_out = info.kernel_shape[-1]
+    parts = []
+    if _is_dense(info):
+      full, rest = divmod(d_rows, self.block_size)
+      if full:
+        chunked = blocks["chunks"].reshape(d_out, full, self.block_size)
+        parts.append(chunked.transpose(1, 2, 0).reshape(full * self.block_size, d_out))
+      if rest:
+        parts.append(blocks["last_chunk"].T)
+    else:
+      spatial, c_in = math.prod(info.kernel_shape[:-2]), info.kernel_shape[-2]
+      kernel = blocks["spatial"].reshape(c_in, d_out, spatial).transpose(2, 0, 1)
+      parts.append(kernel.reshape(spatial * c_in, d_out))
+    if info.has_bias:
+      parts.append(blocks["bias"].T)
+    return jnp.concatenate(parts, axis=0)
+
+  def statistics(self, stats, info):
+    if not _seen_once(stats):
+      return super().statistics(stats, info)
+    inputs = patches.layer_inputs(stats, homogeneous=False)[:, 0]
+    out_sq = jnp.square(patches.layer_output_grads(stats)[:, 0])
+    batch, d_in = inputs.shape
+    full, rest = divmod(d_in, self.block_size)
+    groups = {}
+    if full:
+      chunks = inputs[:, :full * self.block_size].reshape(batch, full, self.block_size)
+      groups["chunks"] = weighted_chunk_gram(chunks, out_sq)
+    if rest:
+      groups["last_chunk"] = weighted_chunk_gram(inputs[:, None, full * self.block_size:], out_sq)
+    if info.has_bias:
+      groups["bias"] = jnp.mean(out_sq, axis=0)[:, None]
+    return groups
+
+
+@dataclasses.dataclass(frozen=True)
+class RowBlocks(MBFPartition):
+  """One block per output unit: all its incoming weights and its bias (group `"rows"`).
+
+  For narrow layers where a unit's whole row of `W̄` (`prod(kernel.shape[:-1]) + 1` entries
+  with a bias) is small enough to invert; block j is column j of the matrix view.
+  """
+
+  def split(self, matrix, info):
+    del info
+    return {"rows": matrix.T}
+
+  def merge(self, blocks, info):
+    del info
+    return blocks["rows"].T
+
+  def statistics(self, stats, info):
+    if not _seen_once(stats):
+      return super().statistics(stats, info)
+    inputs = patches.layer_inputs(stats)[:, 0]
+    out_sq = jnp.square(patches.layer_output_grads(stats)[:, 0])
+    return {"rows": weighted_chunk_gram(inputs[:, None], out_sq)}
+
+
+# --------------------------------------------------------------------------------------
+# The transformation.
+
+
+class MBFLayerState(NamedTuple):
+  """MBF state of one layer, one entry per group of its partition.
+
+  Attributes:
+    statistics: running averages of the mini-block statistics, packed upper triangles
+      `(num_blocks, s(s+1)/2)` in float32 at least.
+    inverses: `(M_b + λI)⁻¹` of every block, `(num_blocks, s, s)`, from the last refresh.
+  """
+
+  statistics: Dict[str, Array]
+  inverses: Dict[str, Array]
+
+
+PartitionKey = Union[str, LayerPath]
+
+
+def _block_shapes(partition: MBFPartition, info: LayerInfo) -> Dict[str, Tuple[int, int]]:
+  """`{group: (num_blocks, size)}` of a layer, checked to round-trip through `merge`."""
+  matrix = jax.ShapeDtypeStruct(info.matrix_shape, jnp.float32)
+  name = type(partition).__name__
+  try:
+    groups = jax.eval_shape(lambda m: partition.split(m, info), matrix)
+    merged = jax.eval_shape(lambda m: partition.merge(partition.split(m, info), info), matrix)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"mbf: partition {name} cannot split layer {info.key} with kernel shape "
+                     f"{info.kernel_shape}: {e}") from e
+  shapes = {g: tuple(s.shape) for g, s in groups.items()}
+  bad = {g: s for g, s in shapes.items() if len(s) != 2}
+  if bad or tuple(merged.shape) != tuple(info.matrix_shape):
+    raise ValueError(f"mbf: partition {name} of layer {info.key} must split the "
+                     f"{info.matrix_shape} matrix view into (num_blocks, size) groups and merge "
+                     f"them back; got groups {shapes} merging to {tuple(merged.shape)}")
+  entries = sum(n * s for n, s in shapes.values())
+  if entries != math.prod(info.matrix_shape):
+    raise ValueError(f"mbf: partition {name} of layer {info.key} has {entries} block entries "
+                     f"for a matrix view of {math.prod(info.matrix_shape)}; every entry must be "
+                     f"in exactly one block")
+  return shapes
+
+
+def _normalize_overrides(partitions: Optional[Mapping[PartitionKey, MBFPartition]]
+                         ) -> Dict[str, MBFPartition]:
+  out = {}
+  for key, partition in (partitions or {}).items():
+    name = key if isinstance(key, str) else path_to_str(tuple(key))
+    if not isinstance(partition, MBFPartition):
+      raise ValueError(f"mbf: partitions[{key!r}] must be an MBFPartition (e.g. "
+                       f"soo.MiniBlocks(8) or soo.RowBlocks()), got {type(partition).__name__}")
+    out[name] = partition
+  return out
+
+
+def _guarded_inverse(matrix: Array, previous: Array, damping: Array) -> Tuple[Array, Array]:
+  return linalg.keep_finite(linalg.damped_inverse(matrix, damping), previous)
+
+
+def _invert_all(statistics: Dict[str, Dict[str, Array]], previous: Dict[str, Dict[str, Array]],
+                damping: Array) -> Tuple[Dict[str, Dict[str, Array]], Array]:
+  """Damped inverses of every mini-block, one batched Cholesky call per block size."""
+  by_size: Dict[int, List[Tuple[str, str]]] = {}
+  for layer, groups in previous.items():
+    for group, inverse in groups.items():
+      by_size.setdefault(inverse.shape[-1], []).append((layer, group))
+  inverses = {layer: {} for layer in previous}
+  failures = jnp.zeros((), jnp.int32)
+  for size, members in sorted(by_size.items()):
+    packed = jnp.concatenate([statistics[l][g] for l, g in members], axis=0)
+    old = jnp.concatenate([previous[l][g] for l, g in members], axis=0)
+    new, failed = jax.vmap(_guarded_inverse, in_axes=(0, 0, None))(
+        unpack(packed, size), old, damping.astype(old.dtype))
+    failures = failures + failed.sum(dtype=jnp.int32)
+    offsets = np.cumsum([0] + [previous[l][g].shape[0] for l, g in members])
+    for (layer, group), start, stop in zip(members, offsets[:-1], offsets[1:]):
+      inverses[layer][group] = new[start:stop]
+  return inverses, failures
+
+
+def scale_by_mbf(
+    *,
+    damping: ScalarOrSchedule,
+    stats_decay: ScalarOrSchedule = 0.95,
+    stats_every: int = 1,
+    inverse_every: int = 20,
+    block_size: int = 16,
+    fisher: str = "empirical",
+    partitions: Optional[Mapping[PartitionKey, MBFPartition]] = None,
+    fallback: Optional[optax.GradientTransformation] = None,
+    layers: Optional[Sequence[LayerPath]] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """MBF preconditioner: `(M_b + λI)⁻¹ ∇|_b` on every mini-block b of every captured layer.
+
+  MBF is an *empirical* Fisher method: capture the curvature with
+  `soo.linen_curvature(model, loss, fisher="empirical")`. Statistics captured at sampled
+  targets raise an error unless `fisher="sampled"` asks for them (mini-blocks of the true
+  Fisher instead).
+
+  Args:
+    damping: λ added to every mini-block before inversion (number or optax schedule; read
+      at inverse refreshes).
+    stats_decay: EMA weight of the old statistics.
+    stats_every: statistics are updated at steps with `count % stats_every == 0`.
+    inverse_every: inverses are recomputed at steps with `count % inverse_every == 0`.
+    block_size: chunk length of the default `MiniBlocks` partition of dense kernels.
+    fisher: which capture the statistics must come from, `"empirical"` (default, the
+      paper's) or `"sampled"`; a curvature with the other `fisher` raises a `ValueError`.
+    partitions: optional per-layer partitions overriding `MiniBlocks(block_size)`, keyed by
+      layer path (`"Encoder_0/Dense_1"` or `("Encoder_0", "Dense_1")`).
+    fallback: transformation for leaves outside captured layers (default identity).
+    layers: optional explicit list of layer paths to precondition.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose `update` takes `curvature=`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, secondorder_optax as soo
+    >>> model = nn.Dense(3)
+    >>> x, y = jnp.ones((8, 5)), jnp.arange(8) % 3
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> curv_fn = soo.linen_curvature(model, soo.losses.softmax_cross_entropy,
+    ...                               fisher="empirical")
+    >>> loss, grads, curvature = curv_fn(params, x, y, jax.random.key(1))
+    >>> tx = soo.scale_by_mbf(damping=1e-3, block_size=2)
+    >>> state = tx.init(params)
+    >>> direction, state = tx.update(grads, state, params, curvature=curvature)
+    >>> direction["kernel"].shape
+    (5, 3)
+  """
+  if fisher not in _FISHER_CHOICES:
+    raise ValueError(f"mbf: fisher must be one of {_FISHER_CHOICES}, got {fisher!r}")
+  for name, every in (("stats_every", stats_every), ("inverse_every", inverse_every)):
+    if not isinstance(every, (int, np.integer)) or every < 1:
+      raise ValueError(f"mbf: {name} must be an integer >= 1, got {every!r}")
+  default_partition = MiniBlocks(block_size)
+  overrides = _normalize_overrides(partitions)
+
+  def partition_of(info: LayerInfo) -> MBFPartition:
+    return overrides.get(info.key, default_partition)
+
+  def init_layer(info: LayerInfo) -> MBFLayerState:
+    dtype = stats_dtype(info.dtype)
+    shapes = _block_shapes(partition_of(info), info)
+    return MBFLayerState(
+        statistics={g: jnp.zeros((n, packed_size(s)), dtype) for g, (n, s) in shapes.items()},
+        inverses={g: jnp.zeros((n, s, s), dtype) for g, (n, s) in shapes.items()})
+
+  def batch_statistics(infos, stats):
+    out = {}
+    for key, info in infos.items():
+      dtype = stats_dtype(info.dtype)
+      layer = stats[key].replace(inputs=stats[key].inputs.astype(dtype),
+                                 output_grads=stats[key].output_grads.astype(dtype))
+      out[key] = partition_of(info).statistics(layer, info)
+    return out
+
+  def update_layers(infos, grad_mats, stats, layer_states, count):
+    old_stats = {k: s.statistics for k, s in layer_states.items()}
+    old_inverses = {k: s.inverses for k, s in layer_states.items()}
+    decay = hyperparameter_value(stats_decay, count)
+    new_stats = refresh(
+        is_due(count, stats_every),
+        lambda: running_average(old_stats, batch_statistics(infos, stats), decay, count == 0),
+        old_stats)
+    damping_value = hyperparameter_value(damping, count)
+    inverses, failures = refresh(
+        is_due(count, inverse_every),
+        lambda: _invert_all(new_stats, old_inverses, damping_value),
+        (old_inverses, jnp.zeros((), jnp.int32)))
+    directions = {}
+    for key, info in infos.items():
+      partition = partition_of(info)
+      blocks = partition.split(grad_mats[key], info)
+      solved = {g: jnp.einsum("nij,nj->ni", inverses[key][g], b.astype(inverses[key][g].dtype),
+                              precision=_HIGHEST)
+                for g, b in blocks.items()}
+      directions[key] = partition.merge(solved, info)
+    new_layers = {k: MBFLayerState(new_stats[k], inverses[k]) for k in layer_states}
+    return directions, new_layers, failures
+
+  def describe_layer(info: LayerInfo) -> str:
+    partition = partition_of(info)
+    shapes = _block_shapes(partition, info)
+    counts = ", ".join(f"{g} {n}×{s}" for g, (n, s) in shapes.items())
+    return f"{partition!r} mini-blocks: {counts}"
+
+  inner = layerwise.layerwise_transformation(
+      "mbf", init_layer=init_layer, update_layers=update_layers, fallback=fallback,
+      layers=layers, describe_layer=describe_layer,
+      needs="per-layer inputs and output gradients, captured with fisher='empirical'")
+
+  def init_fn(params):
+    found = layerwise.find_layers(params, layers)
+    unknown = sorted(set(overrides) - set(found))
+    if unknown:
+      raise ValueError(f"mbf: partitions= names layer(s) {unknown} that are not preconditioned "
+                       f"layers of params (found: {sorted(found)})")
+    return inner.init(params)
+
+  def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
+    if isinstance(curvature, Curvature) and curvature.fisher != fisher:
+      raise ValueError(
+          f"mbf expects curvature captured with fisher='{fisher}' but got "
+          f"fisher='{curvature.fisher}'. MBF approximates the empirical Fisher: capture with "
+          f"soo.linen_curvature(model, loss, fisher='empirical'), or pass "
+          f"fisher='{curvature.fisher}' to soo.mbf / soo.scale_by_mbf to use these statistics "
+          f"on purpose.")
+    return inner.update(updates, state, params, curvature=curvature, **extra_args)
+
+  tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  layerwise.register_description(tx, layerwise.description_of(inner))
+  return tx
+
+
+def mbf(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    damping: ScalarOrSchedule,
+    momentum: Optional[float] = 0.9,
+    weight_decay: float = 0.0,
+    stats_decay: ScalarOrSchedule = 0.95,
+    stats_every: int = 1,
+    inverse_every: int = 20,
+    block_size: int = 16,
+    fisher: str = "empirical",
+    partitions: Optional[Mapping[PartitionKey, MBFPartition]] = None,
+    fallback: Optional[optax.GradientTransformation] = None,
+    layers: Optional[Sequence[LayerPath]] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """The MBF optimizer: `scale_by_mbf` + decoupled weight decay + momentum + learning rate.
+
+  Args:
+    learning_rate: a number or an optax schedule.
+    damping: λ added to every mini-block (see `scale_by_mbf`).
+    momentum: heavy-ball momentum; `None` or 0 for none.
+    weight_decay: decoupled weight decay.
+    stats_decay: EMA weight of the old statistics.
+    stats_every: steps between statistics updates.
+    inverse_every: steps between inverse refreshes.
+    block_size: chunk length of dense kernels in the default `MiniBlocks` partition.
+    fisher: `"empirical"` (default) or `"sampled"`: the capture the statistics come from.
+    partitions: optional per-layer `MBFPartition` overrides keyed by layer path.
+    fallback: transformation for leaves outside captured layers.
+    layers: optional explicit list of layer paths to precondition.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose `update` takes `curvature=`. With
+    `optax.inject_hyperparams`, pass the integer arguments (`stats_every`, `inverse_every`,
+    `block_size`) through `static_args`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, secondorder_optax as soo
+    >>> model = nn.Dense(3)
+    >>> x, y = jnp.ones((8, 5)), jnp.arange(8) % 3
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> curv_fn = soo.linen_curvature(model, soo.losses.softmax_cross_entropy,
+    ...                               fisher="empirical")
+    >>> tx = soo.mbf(0.1, damping=1e-2)
+    >>> state = tx.init(params)
+    >>> loss, grads, curvature = curv_fn(params, x, y, jax.random.key(1))
+    >>> updates, state = tx.update(grads, state, params, curvature=curvature)
+    >>> params = optax.apply_updates(params, updates)
+  """
+  return alias.build_optimizer(
+      scale_by_mbf(damping=damping, stats_decay=stats_decay, stats_every=stats_every,
+                   inverse_every=inverse_every, block_size=block_size, fisher=fisher,
+                   partitions=partitions, fallback=fallback, layers=layers),
+      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)
