@@ -1,0 +1,330 @@
+"""TNT: exact checks against dense Kronecker solves built here in float64, and the contract.
+
+The reference builds every mode's statistic by unfolding the gradient tensor
+(`X_(i) X_(i)ᵀ`), running-averages them, normalises them as in the paper
+(`U_i = C_i · c · d_i / t`), forms `⊗_i (U_i + εI)` as one dense matrix and solves it
+against the row-major `vec(∇)`. Mode shapes are written out by hand per leaf.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import secondorder_optax as soo
+from secondorder_optax._src.layerwise import leaf_paths
+from tests import contract, models
+
+EPS = 0.1
+RTOL = 1e-5
+
+# leaf -> (shape, modes, diagonal modes when max_factor_dim=MAX_DIM)
+MAX_DIM = 8
+TENSORS = {
+    "vector": ((5,), (5,), ()),
+    "matrix": ((4, 3), (4, 3), ()),
+    "cube": ((3, 2, 4), (3, 2, 4), ()),
+    "conv": ((2, 2, 3, 4), (4, 3, 4), ()),
+    "wide": ((12, 3), (12, 3), (0,)),
+    "scalar": ((), (1,), (0,)),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Dense float64 reference.
+
+
+def unfold(tensor, mode):
+  return np.moveaxis(tensor, mode, 0).reshape(tensor.shape[mode], -1)
+
+
+def mode_statistics(tensor, diagonal):
+  """`X_(i) X_(i)ᵀ` per mode, reduced to its diagonal for the diagonal modes."""
+  stats = []
+  for i in range(tensor.ndim):
+    stat = unfold(tensor, i) @ unfold(tensor, i).T
+    stats.append(np.diag(np.diag(stat)) if i in diagonal else stat)
+  return stats
+
+
+def running_statistics(tensors, diagonal, decay):
+  """EMA of the per-mode statistics of a sequence of tensors (first one taken as is)."""
+  stats = mode_statistics(tensors[0], diagonal)
+  for tensor in tensors[1:]:
+    stats = [decay * s + (1 - decay) * n for s, n in zip(stats, mode_statistics(tensor, diagonal))]
+  return stats
+
+
+def kron_all(matrices):
+  return functools.reduce(np.kron, matrices)
+
+
+def tnt_factors(stats):
+  """`U_i = C_i · c · d_i / t`, `t = tr C_1`, `c = (t / d)^(1/k)`."""
+  dims = [len(s) for s in stats]
+  total = np.trace(stats[0])
+  shared = (total / np.prod(dims)) ** (1.0 / len(dims))
+  return [s * shared * d / total for s, d in zip(stats, dims)]
+
+
+def tnt_direction(stat_tensors, grad, modes, diagonal, decay, eps=EPS):
+  """`(⊗_i (U_i + εI))⁻¹ vec(∇)` for statistics from `stat_tensors` (each in `modes`)."""
+  stats = running_statistics([np.reshape(t, modes) for t in stat_tensors], diagonal, decay)
+  dense = kron_all([u + eps * np.eye(len(u)) for u in tnt_factors(stats)])
+  return np.linalg.solve(dense, np.ravel(grad)).reshape(np.shape(grad))
+
+
+def random_tree(seed, scale=1.0):
+  keys = jax.random.split(jax.random.key(seed), len(TENSORS))
+  return {name: scale * jax.random.normal(k, shape)
+          for k, (name, (shape, _, _)) in zip(keys, TENSORS.items())}
+
+
+def f64(tree):
+  return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+
+
+def assert_close(actual, expected, rtol=RTOL):
+  err = models.relative_error(actual, expected)
+  assert err < rtol, f"relative error {err:.2e}"
+
+
+# ---------------------------------------------------------------------------------------
+# Exact tests.
+
+
+def test_direction_equals_dense_kronecker_solve_for_every_rank():
+  """1-D..4-D tensors, a diagonal mode and a scalar; EMA over three steps."""
+  tx = soo.scale_by_tnt(damping=EPS, stats_decay=0.7, inverse_every=1, max_factor_dim=MAX_DIM)
+  grads = [random_tree(seed) for seed in range(3)]
+  state = tx.init(grads[0])
+  update = jax.jit(tx.update)
+  for grad in grads:
+    direction, state = update(grad, state)
+  assert int(state.count) == 3 and int(state.failures) == 0
+  for name, (shape, modes, diagonal) in TENSORS.items():
+    history = [f64(g)[name] for g in grads]
+    expected = tnt_direction(history, history[-1], modes, diagonal, decay=0.7)
+    assert direction[name].shape == shape
+    assert_close(direction[name], expected)
+    assert [s.shape for s in state.statistics[name]] == [
+        (d,) if i in diagonal else (d, d) for i, d in enumerate(modes)]
+
+
+def test_normalised_factors_keep_the_trace_of_the_statistic():
+  """From the stored inverses, `U_i = P_i⁻¹ - εI`: `tr(⊗U_i) = tr C_1 = |G|²` (first step)."""
+  tx = soo.scale_by_tnt(damping=EPS, max_factor_dim=MAX_DIM)
+  grad = random_tree(5, scale=3.0)
+  _, state = jax.jit(tx.update)(grad, tx.init(grad))
+  for name, (_, modes, diagonal) in TENSORS.items():
+    factors = []
+    for i, inverse in enumerate(state.inverses[name]):
+      inverse = np.asarray(inverse, np.float64)
+      inverse = np.diag(inverse) if i in diagonal else inverse
+      factors.append(np.linalg.inv(inverse) - EPS * np.eye(modes[i]))
+    squared_norm = np.sum(np.square(np.asarray(grad[name], np.float64)))
+    assert_close(np.trace(kron_all(factors)), squared_norm, rtol=1e-4)
+    # all factors share the average eigenvalue c = (t/d)^(1/k)
+    shared = (squared_norm / np.prod(modes)) ** (1 / len(modes))
+    for factor, dim in zip(factors, modes):
+      assert_close(np.trace(factor), shared * dim, rtol=1e-4)
+
+
+def test_refresh_schedule():
+  """Statistics at counts 0, 2 (stats_every=2), inverses at 0, 3 (inverse_every=3)."""
+  tx = soo.scale_by_tnt(damping=EPS, stats_decay=0.5, stats_every=2, inverse_every=3,
+                        max_factor_dim=MAX_DIM)
+  grads = [random_tree(seed) for seed in range(10, 14)]
+  state = tx.init(grads[0])
+  update = jax.jit(tx.update)
+  directions = []
+  for grad in grads:
+    direction, state = update(grad, state)
+    directions.append(direction)
+  name, (_, modes, diagonal) = "cube", TENSORS["cube"]
+  history = [f64(g)[name] for g in grads]
+  for step, stats_seen in ((1, [0]), (2, [0]), (3, [0, 2])):
+    expected = tnt_direction([history[i] for i in stats_seen], history[step], modes, diagonal,
+                             decay=0.5)
+    assert_close(directions[step][name], expected)
+
+
+def test_sampled_targets_use_fisher_grads_and_plain_path_the_gradient():
+  """MLP: fisher_grads is the mean per-example gradient at sampled targets; TNT uses it."""
+  model, params, x, y, family = models.mlp_problem(batch=16, seed=1)
+  curv_fn = soo.linen_curvature(model, family, fisher="sampled")
+  rng = jax.random.key(3)
+  _, grads, curvature = jax.jit(curv_fn)(params, x, y, rng)
+  sampled = models.fisher_targets(model, params, x, y, family, "sampled", rng)
+  fisher_grads = jax.tree.map(lambda g: np.mean(np.asarray(g, np.float64), axis=0),
+                              models.per_example_grads(model, params, x, sampled, family))
+  plain_grads = jax.tree.map(lambda g: np.mean(np.asarray(g, np.float64), axis=0),
+                             models.per_example_grads(model, params, x, y, family))
+  tx = soo.scale_by_tnt(damping=EPS)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  with_curvature, _ = update(grads, state, params, curvature=curvature)
+  without_curvature, _ = update(grads, state, params)
+  for path, grad in leaf_paths(plain_grads).items():
+    fisher = leaf_paths(fisher_grads)[path]
+    modes = tuple(d for d in grad.shape if d != 1)
+    leaf = lambda tree: leaf_paths(tree)[path]
+    assert_close(leaf(grads), grad)
+    assert_close(leaf(with_curvature), tnt_direction([fisher], grad, modes, (), decay=0.9))
+    assert_close(leaf(without_curvature), tnt_direction([grad], grad, modes, (), decay=0.9))
+  assert models.relative_error(with_curvature["Dense_0"]["kernel"],
+                               without_curvature["Dense_0"]["kernel"]) > 1e-2
+
+
+def test_full_optimizer_preconditions_momentum_with_gradient_statistics():
+  """tnt(): momentum first, factors from the raw gradients (not the momentum buffer)."""
+  lr, beta, decay, wd = 0.3, 0.9, 0.6, 0.01
+  tx = soo.tnt(lr, damping=EPS, momentum=beta, stats_decay=decay, weight_decay=wd,
+               inverse_every=1, max_factor_dim=MAX_DIM)
+  params = random_tree(20)
+  grads = [random_tree(21), random_tree(22)]
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  _, state = update(grads[0], state, params)
+  updates, state = update(grads[1], state, params)
+  for name, (_, modes, diagonal) in TENSORS.items():
+    history = [f64(g)[name] for g in grads]
+    buffer = history[1] + beta * history[0]
+    direction = tnt_direction(history, buffer, modes, diagonal, decay=decay)
+    expected = -lr * (direction + wd * np.asarray(params[name], np.float64))
+    assert_close(updates[name], expected)
+
+
+# ---------------------------------------------------------------------------------------
+# Any pytree, no curvature.
+
+
+class _MixedModel(nn.Module):
+  """Embedding -> conv -> dense -> learned scalar temperature."""
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(40, 6)(tokens)
+    x = nn.tanh(nn.Conv(4, (3, 3))(x))
+    x = nn.Dense(3, use_bias=False)(jnp.mean(x, axis=(1, 2)))
+    return x * self.param("temperature", nn.initializers.ones, ())
+
+
+def mixed_problem():
+  model = _MixedModel()
+  tokens = jax.random.randint(jax.random.key(0), (32, 4, 4), 0, 40)
+  labels = jnp.argmax(jax.random.normal(jax.random.key(1), (40, 3))[tokens].sum((1, 2)), -1)
+  params = model.init(jax.random.key(2), tokens)["params"]
+
+  def loss_fn(p):
+    logits = model.apply({"params": p}, tokens)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+  return params, loss_fn
+
+
+MIXED_MODES = {  # max_factor_dim=16: the 40-row embedding is diagonal in its vocab mode
+    "Embed_0/embedding": ((40, 6), (0,)),
+    "Conv_0/kernel": ((9, 6, 4), ()),
+    "Conv_0/bias": ((4,), ()),
+    "Dense_0/kernel": ((4, 3), ()),
+    "temperature": ((1,), (0,)),
+}
+
+
+def train_without_curvature(tx, loss_fn, params, steps=25):
+  @jax.jit
+  def step(params, state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  state = tx.init(params)
+  losses = []
+  for _ in range(steps):
+    params, state, loss = step(params, state)
+    losses.append(float(loss))
+  return losses, state
+
+
+def test_mixed_pytree_without_curvature():
+  params, loss_fn = mixed_problem()
+  tx = soo.tnt(0.05, damping=EPS, max_factor_dim=16)
+  rules = soo.describe(tx, params, print_fn=None)
+  assert rules == {key: f"tnt: modes {modes}, " + (
+      "full factors" if not diag else
+      "diagonal factors" if len(diag) == len(modes) else "diagonal: mode 0")
+                   for key, (modes, diag) in MIXED_MODES.items()}
+  # Exact first direction on every leaf.
+  grads = jax.grad(loss_fn)(params)
+  direction, _ = jax.jit(soo.scale_by_tnt(damping=EPS, max_factor_dim=16).update)(
+      grads, soo.scale_by_tnt(max_factor_dim=16).init(params))
+  for path, grad in leaf_paths(f64(grads)).items():
+    modes, diag = MIXED_MODES["/".join(path)]
+    actual = leaf_paths(direction)[path]
+    assert_close(actual, tnt_direction([grad], grad, modes, diag, decay=0.9))
+  losses, state = train_without_curvature(tx, loss_fn, params)
+  assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+  (tnt_state,) = [s for s in state if isinstance(s, soo.TNTState)]
+  assert int(tnt_state.count) == 25 and int(tnt_state.failures) == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input and non-finite values.
+
+
+def test_bad_input_errors():
+  params = random_tree(0)
+  tx = soo.scale_by_tnt()
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="curvature= must be a soo.Curvature"):
+    tx.update(params, state, params, curvature={"fisher_grads": params})
+  wrong = soo.Curvature(layers={}, fisher_grads={"other": jnp.ones(3)})
+  with pytest.raises(ValueError, match="fisher_grads must have the structure"):
+    tx.update(params, state, params, curvature=wrong)
+  with pytest.raises(ValueError, match="state was initialised"):
+    tx.update({"other": jnp.ones(3)}, state)
+  with pytest.raises(ValueError, match="inverse_every must be a positive integer"):
+    soo.scale_by_tnt(inverse_every=0)
+  with pytest.raises(ValueError, match="max_factor_dim must be a positive integer"):
+    soo.scale_by_tnt(max_factor_dim=0).init(params)
+
+
+def test_nonfinite_gradient_and_failed_inverse_keep_state():
+  params = {"w": jnp.ones((3, 2))}
+  tx = soo.scale_by_tnt(damping=EPS)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  good = {"w": jnp.arange(6.0).reshape(3, 2)}
+  _, state = update(good, state)
+  bad = {"w": good["w"].at[0, 0].set(jnp.inf)}
+  _, after_bad = update(bad, state)
+  for a, b in zip(jax.tree.leaves(after_bad), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # A damping that makes the Cholesky fail keeps the previous inverses and counts failures.
+  failing = soo.scale_by_tnt(damping=-1e3, inverse_every=1)
+  _, failed = jax.jit(failing.update)(good, state)
+  assert int(failed.failures) == 2
+  for a, b in zip(jax.tree.leaves(failed.inverses), jax.tree.leaves(state.inverses)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---------------------------------------------------------------------------------------
+# optax contract (with curvature, and without).
+
+HPARAMS = dict(learning_rate=0.05, damping=EPS)
+
+
+def test_contract_jit_convergence():
+  contract.check_jit_convergence(soo.tnt, inverse_every=5, **HPARAMS)
+  contract.check_jit_convergence(soo.tnt, pass_curvature=False, **HPARAMS)
+
+
+def test_contract_chain_inject_multisteps_bf16():
+  contract.check_chain_and_inject(soo.scale_by_tnt, soo.tnt, **HPARAMS)
+  contract.check_multisteps_and_nonfinite(soo.tnt, **HPARAMS)
+  contract.check_bf16(soo.tnt, **HPARAMS)
