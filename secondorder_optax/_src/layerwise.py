@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence,
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from secondorder_optax._src import patches
 from secondorder_optax._src.base import (Curvature, LayerPath, LayerStats, all_finite,
@@ -85,9 +86,26 @@ def _path_keys(path) -> LayerPath:
   return tuple(out)
 
 
+def to_pure(tree: Any) -> Any:
+  """`nnx.State` / `nnx.Variable` leaves (as `nnx.Optimizer` passes them) -> nested dicts
+  of arrays, so that paths are module paths; other trees are returned unchanged."""
+  tree = nnx.as_pure(tree)
+  return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+
+
+def restore_like(original: Any, pure: Any) -> Any:
+  """Puts the leaves of `pure` (from `to_pure(original)`) back into `original`'s structure.
+
+  An `nnx.State` and its pure dict flatten in the same (sorted-key) order.
+  """
+  if pure is original:
+    return pure
+  return jax.tree.unflatten(jax.tree.structure(original), jax.tree.leaves(pure))
+
+
 def leaf_paths(tree: Any) -> Dict[LayerPath, Any]:
   """All leaves of a params tree keyed by their key path tuples."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  flat, _ = jax.tree_util.tree_flatten_with_path(to_pure(tree))
   return {_path_keys(p): leaf for p, leaf in flat}
 
 
@@ -205,6 +223,7 @@ def layerwise_transformation(
   fallback_name = _transform_name(fallback)
 
   def init_fn(params):
+    params = to_pure(params)
     infos = find_layers(params, layers)
     return LayerwiseState(
         count=jnp.zeros((), jnp.int32),
@@ -217,6 +236,7 @@ def layerwise_transformation(
     del extra_args
     if params is None:
       raise ValueError(f"{method} needs params: call tx.update(grads, state, params, ...)")
+    original_updates, updates, params = updates, to_pure(updates), to_pure(params)
     infos = find_layers(params, layers)
     stats = check_curvature(method, curvature, infos, needs)
     grad_mats = {}
@@ -234,11 +254,12 @@ def layerwise_transformation(
     new_state = LayerwiseState(count=state.count + 1, layers=new_layers,
                                fallback=new_fallback, failures=state.failures + failures)
     finite = all_finite(updates) & all_finite(curvature)
-    return out, select_tree(finite, new_state, state)
+    return restore_like(original_updates, out), select_tree(finite, new_state, state)
 
   tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
   def describe(params):
+    params = to_pure(params)
     infos = find_layers(params, layers)
     rules = {}
     for path in leaf_paths(params):
