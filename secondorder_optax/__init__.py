@@ -13,6 +13,7 @@ from secondorder_optax._src.capture.linen import linen_curvature
 from secondorder_optax._src.describe import describe
 from secondorder_optax._src.layerwise import LayerwiseState
 # -- nnx exports (issue 2, nnx) --
+from secondorder_optax._src.capture.nnx import nnx_curvature
 # -- kfac exports (issue 3) --
 from secondorder_optax._src.kfac import (EigenLayerState, KroneckerLayerState, ekfac, kfac,
                                          scale_by_ekfac, scale_by_kfac, scale_by_tekfac,
@@ -37,6 +38,7 @@ __all__ = [
     "linen_curvature",
     "losses",
     # -- nnx names (issue 2, nnx) --
+    "nnx_curvature",
     # -- kfac names (issue 3) --
     "EigenLayerState",
     "KroneckerLayerState",
