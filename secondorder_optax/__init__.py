@@ -25,6 +25,8 @@ from secondorder_optax._src.tnt import TNTState, scale_by_tnt, tnt
 from secondorder_optax._src.mbf import (MBFLayerState, MBFPartition, MiniBlocks, RowBlocks,
                                        mbf, scale_by_mbf)
 # -- seng exports (issue 6) --
+from secondorder_optax._src.seng import (ExplicitFactors, OuterProductFactors, SengLayerState,
+                                        SengPlan, scale_by_seng, seng)
 
 __version__ = "0.1.0"
 
@@ -65,4 +67,10 @@ __all__ = [
     "mbf",
     "scale_by_mbf",
     # -- seng names (issue 6) --
+    "ExplicitFactors",
+    "OuterProductFactors",
+    "SengLayerState",
+    "SengPlan",
+    "scale_by_seng",
+    "seng",
 ]
