@@ -1,0 +1,135 @@
+"""Shampoo: exact checks against dense Kronecker products of float64 inverse roots, and the
+contract.
+
+The reference unfolds each gradient tensor per mode (`X_(i) X_(i)ᵀ`), sums or
+running-averages the statistics, takes `(H_i + εI)^(-1/(2k))` by float64 `eigh`, forms
+`⊗_i R_i` as one dense matrix and applies it to the row-major `vec(∇)`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import secondorder_optax as soo
+from secondorder_optax._src.layerwise import leaf_paths
+from tests import contract
+from tests.test_tnt import (MAX_DIM, MIXED_MODES, TENSORS, assert_close, f64, kron_all,
+                            mixed_problem, mode_statistics, random_tree, running_statistics,
+                            train_without_curvature)
+
+EPS = 0.1
+
+
+def inverse_root(matrix, power):
+  values, vectors = np.linalg.eigh(matrix)
+  return (vectors * (np.maximum(values, 0.0) + EPS) ** -power) @ vectors.T
+
+
+def shampoo_direction(stats, grad):
+  """`⊗_i (H_i + εI)^(-1/(2k)) vec(∇)`."""
+  power = 1.0 / (2 * len(stats))
+  dense = kron_all([inverse_root(h, power) for h in stats])
+  return (dense @ np.ravel(grad)).reshape(np.shape(grad))
+
+
+def summed_statistics(tensors, diagonal):
+  per_step = [mode_statistics(t, diagonal) for t in tensors]
+  return [sum(step[i] for step in per_step) for i in range(len(per_step[0]))]
+
+
+def run(tx, grads):
+  state = tx.init(grads[0])
+  update = jax.jit(tx.update)
+  for grad in grads:
+    direction, state = update(grad, state)
+  return direction, state
+
+
+@pytest.mark.parametrize("stats_decay", [0.7, None], ids=["running-average", "summed"])
+def test_direction_equals_dense_kronecker_roots_for_every_rank(stats_decay):
+  grads = [random_tree(seed) for seed in range(3)]
+  direction, state = run(soo.scale_by_shampoo(damping=EPS, stats_decay=stats_decay,
+                                              inverse_every=1, max_factor_dim=MAX_DIM), grads)
+  assert int(state.count) == 3 and int(state.failures) == 0
+  for name, (shape, modes, diagonal) in TENSORS.items():
+    history = [np.reshape(f64(g)[name], modes) for g in grads]
+    if stats_decay is None:
+      stats = summed_statistics(history, diagonal)
+    else:
+      stats = running_statistics(history, diagonal, stats_decay)
+    assert direction[name].shape == shape
+    assert_close(direction[name], shampoo_direction(stats, history[-1]).reshape(shape))
+
+
+@pytest.mark.parametrize("graft", ["rmsprop", "adam"])
+def test_grafting_takes_the_first_order_step_norm(graft):
+  b1, b2, eps = 0.8, 0.9, 1e-3
+  grads = [random_tree(seed) for seed in range(30, 33)]
+  direction, state = run(soo.scale_by_shampoo(
+      damping=EPS, stats_decay=0.7, inverse_every=1, max_factor_dim=MAX_DIM, graft=graft,
+      graft_decay=b2, graft_eps=eps, graft_momentum=b1), grads)
+  for name, (shape, modes, diagonal) in TENSORS.items():
+    history = [f64(g)[name] for g in grads]
+    stats = running_statistics([np.reshape(h, modes) for h in history], diagonal, 0.7)
+    shampoo = shampoo_direction(stats, history[-1])
+    steps = len(history)
+    second = sum((1 - b2) * b2 ** (steps - 1 - t) * h ** 2 for t, h in enumerate(history))
+    first = sum((1 - b1) * b1 ** (steps - 1 - t) * h for t, h in enumerate(history))
+    numerator = history[-1] if graft == "rmsprop" else first / (1 - b1 ** steps)
+    step = numerator / (np.sqrt(second / (1 - b2 ** steps)) + eps)
+    expected = shampoo * np.linalg.norm(step) / np.linalg.norm(shampoo)
+    assert_close(direction[name], expected.reshape(shape))
+
+
+def test_mixed_pytree_without_curvature():
+  params, loss_fn = mixed_problem()
+  tx = soo.shampoo(0.02, damping=1e-3, max_factor_dim=16, graft="rmsprop")
+  rules = soo.describe(tx, params, print_fn=None)
+  assert rules["Embed_0/embedding"] == (
+      "shampoo: modes (40, 6), diagonal: mode 0, grafted to rmsprop")
+  assert rules["temperature"] == "shampoo: modes (1,), diagonal factors, grafted to rmsprop"
+  assert set(rules) == set(MIXED_MODES)
+  grads = jax.grad(loss_fn)(params)
+  direction, _ = run(soo.scale_by_shampoo(damping=EPS, max_factor_dim=16), [grads])
+  for path, grad in leaf_paths(f64(grads)).items():
+    modes, diag = MIXED_MODES["/".join(path)]
+    stats = mode_statistics(np.reshape(grad, modes), diag)
+    expected = shampoo_direction(stats, np.reshape(grad, modes)).reshape(grad.shape)
+    assert_close(leaf_paths(direction)[path], expected)
+  losses, state = train_without_curvature(tx, loss_fn, params)
+  assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+  (shampoo_state,) = [s for s in state if isinstance(s, soo.ShampooState)]
+  assert int(shampoo_state.count) == 25 and int(shampoo_state.failures) == 0
+
+
+def test_bad_input_and_nonfinite():
+  with pytest.raises(ValueError, match="graft must be None or one of"):
+    soo.scale_by_shampoo(graft="sgd")
+  with pytest.raises(ValueError, match="stats_every must be a positive integer"):
+    soo.shampoo(0.1, stats_every=0)
+  params = {"w": jnp.ones((3, 2))}
+  tx = soo.scale_by_shampoo(damping=EPS, graft="adam")
+  state = tx.init(params)
+  with pytest.raises(ValueError, match="state was initialised"):
+    tx.update({"v": jnp.ones((3, 2))}, state)
+  update = jax.jit(tx.update)
+  _, state = update({"w": jnp.arange(6.0).reshape(3, 2)}, state)
+  _, after_bad = update({"w": jnp.full((3, 2), jnp.nan)}, state)
+  for a, b in zip(jax.tree.leaves(after_bad), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+HPARAMS = dict(learning_rate=0.05, damping=1e-3)
+
+
+def test_contract_jit_convergence():
+  contract.check_jit_convergence(soo.shampoo, inverse_every=5, **HPARAMS)
+  contract.check_jit_convergence(soo.shampoo, pass_curvature=False, stats_decay=None,
+                                 **HPARAMS)
+
+
+def test_contract_chain_inject_multisteps_bf16():
+  contract.check_chain_and_inject(soo.scale_by_shampoo, soo.shampoo, **HPARAMS)
+  contract.check_multisteps_and_nonfinite(soo.shampoo, graft="rmsprop", **HPARAMS)
+  contract.check_bf16(soo.shampoo, **HPARAMS)
