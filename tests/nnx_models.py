@@ -98,7 +98,8 @@ class ScanRematMLP(nnx.Module):
 
 
 class NormDropMLP(nnx.Module):
-  """Linear -> BatchNorm -> relu -> Dropout (rngs held by the model) -> Linear."""
+  """Linear -> BatchNorm -> relu -> Dropout -> Linear; dropout rngs held by the model or
+  passed as `rngs=` (which takes precedence)."""
 
   def __init__(self, d_in=4, d=6, classes=3, *, rngs: nnx.Rngs):
     self.dense_0 = nnx.Linear(d_in, d, rngs=rngs)
@@ -106,9 +107,9 @@ class NormDropMLP(nnx.Module):
     self.drop = nnx.Dropout(0.5, rngs=rngs)
     self.dense_1 = nnx.Linear(d, classes, rngs=rngs)
 
-  def __call__(self, x):
+  def __call__(self, x, rngs=None):
     x = nnx.relu(self.norm(self.dense_0(x)))
-    return self.dense_1(self.drop(x))
+    return self.dense_1(self.drop(x, rngs=rngs))
 
 
 def pure(tree):

@@ -94,9 +94,10 @@ def test_consecutive_captures_name_layers_correctly():
   fn = soo.nnx_curvature(soo.losses.softmax_cross_entropy, fisher="empirical")
   mlp, x, y, _ = nnx_models.problem("mlp", batch=3)
   cnn, xc, yc, _ = nnx_models.problem("cnn", batch=3)
-  first = fn(mlp, x, y)[2]
-  second = fn(cnn, xc, yc)[2]
-  third = fn(mlp, x, y)[2]
+  trace = lambda model, *args: nnx.eval_shape(fn, model, *args)[2]  # names are static
+  first = trace(mlp, x, y)
+  second = trace(cnn, xc, yc)
+  third = trace(mlp, x, y)
   params_mlp, params_cnn = nnx.state(mlp, nnx.Param), nnx.state(cnn, nnx.Param)
   for curvature, params in [(first, params_mlp), (second, params_cnn), (third, params_mlp)]:
     for path, stats in curvature.layers.items():
@@ -140,16 +141,18 @@ def test_batchnorm_and_dropout_state_is_written_back():
   reference = nnx.clone(model)
   before = nnx_models.pure(nnx.state(model, nnx.BatchStat))
   fn = nnx.jit(soo.nnx_curvature(family, fisher="empirical"))
-  loss, grads, curvature = fn(model, x, y)
+  rngs, ref_rngs = nnx.Rngs(dropout=4), nnx.Rngs(dropout=4)
+  loss, grads, curvature = fn(model, x, y, rngs=rngs)  # a graph-node call argument
 
-  def mean_loss(m):
-    return family.per_example_loss(m(x), y).mean()
-  ref_loss, ref_grads = nnx.value_and_grad(mean_loss)(reference)
+  def mean_loss(m, r):
+    return family.per_example_loss(m(x, rngs=r), y).mean()
+  ref_loss, ref_grads = nnx.value_and_grad(mean_loss)(reference, ref_rngs)
+  assert int(rngs.dropout.count[...]) == int(ref_rngs.dropout.count[...]) == 1
   np.testing.assert_allclose(loss, ref_loss, rtol=TOL)
   # (dense_0's bias gradient is ~0 through BatchNorm: compare the whole gradient at once.)
   flat = [jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(g)]) for g in (grads, ref_grads)]
   assert models.relative_error(*flat) < TOL
-  # Updated batch statistics and dropout rng counters are written back like a call would.
+  # Updated batch statistics and rng counters are written back like a call would.
   after = nnx_models.pure(nnx.state(model, nnx.BatchStat))
   assert models.relative_error(after["norm"]["mean"], before["norm"]["mean"]) > 1e-3
   for kind in (nnx.BatchStat, nnx.RngState):
@@ -183,30 +186,46 @@ class _NoLayer(nnx.Module):
     return x[:, :3] * self.w
 
 
+class _RawCheckpoint(nnx.Module):
+  """Runs its block through a raw jax.checkpoint over split/merge: state changes are lost."""
+
+  def __init__(self, rngs):
+    self.block = nnx_models.Block(4, rngs=rngs)
+    self.head = nnx.Linear(4, 3, rngs=rngs)
+
+  def __call__(self, x):
+    graphdef, state = nnx.split(self.block)
+    x = jax.checkpoint(lambda s, h: nnx.merge(graphdef, s)(h))(state, x)
+    return self.head(x)
+
+
 def test_clear_errors_and_skip_unsupported():
   family = soo.losses.softmax_cross_entropy
+  fn = soo.nnx_curvature(family, fisher="empirical")
+  trace = lambda f, *args: nnx.eval_shape(f, *args)  # errors are raised while tracing
   x, y = jnp.ones((2, 5, 2)), jnp.array([0, 1])
   with pytest.raises(UnsupportedLayerError, match="layer conv uses grouped convolution"):
-    soo.nnx_curvature(family, fisher="empirical")(_Grouped(nnx.Rngs(0)), x, y)
-  curvature = soo.nnx_curvature(family, fisher="empirical", skip_unsupported=True)(
-      _Grouped(nnx.Rngs(0)), x, y)[2]
-  assert set(curvature.layers) == {("head",)}
+    trace(fn, _Grouped(nnx.Rngs(0)), x, y)
+  skip_fn = soo.nnx_curvature(family, fisher="empirical", skip_unsupported=True)
+  assert set(trace(skip_fn, _Grouped(nnx.Rngs(0)), x, y)[2].layers) == {("head",)}
   with pytest.raises(ValueError, match="no capturable layer"):
-    soo.nnx_curvature(family, fisher="empirical")(_NoLayer(), jnp.ones((2, 4)), y)
+    trace(fn, _NoLayer(), jnp.ones((2, 4)), y)
+  with pytest.raises(ValueError, match="layer block/linear ran but produced no statistics"):
+    trace(fn, _RawCheckpoint(nnx.Rngs(0)), jnp.ones((2, 4)), y)
   mlp, xm, ym, _ = nnx_models.problem("mlp", batch=4)
-  fn = soo.nnx_curvature(family, fisher="empirical")
   with pytest.raises(ValueError, match="labels of shape"):
-    fn(mlp, xm, jnp.zeros((4, 3)))
+    trace(fn, mlp, xm, jnp.zeros((4, 3), jnp.int32))
   with pytest.raises(ValueError, match="batch size"):
     fn(mlp, xm, ym[:3])
   with pytest.raises(ValueError, match="needs an rng"):
-    soo.nnx_curvature(family)(mlp, xm, ym)
+    trace(soo.nnx_curvature(family), mlp, xm, ym)
   with pytest.raises(TypeError, match="flax.nnx.Module"):
     fn(lambda v: v, xm, ym)
   with pytest.raises(ValueError, match="fisher must be one of"):
     soo.nnx_curvature(family, fisher="true")
   with pytest.raises(TypeError, match="loss_family"):
     soo.nnx_curvature(optax.softmax_cross_entropy)
+  assert nnx_capture._PATCH_DEPTH[0] == 0 and nnx_capture._active() is None
 
 
 def scale_by_dummy(*, damping=1.0):

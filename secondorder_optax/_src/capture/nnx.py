@@ -239,7 +239,7 @@ _MODEL_STATE = nnx.All(nnx.Not(nnx.Param), nnx.Not(CaptureVariable))
 
 def _split_call_kwargs(call_kwargs: Dict[str, Any]):
   """Separates graph-node call arguments (e.g. an `nnx.Rngs`) so they can be merged back."""
-  nodes = {k: v for k, v in call_kwargs.items() if nnx.is_graph_node(v)}
+  nodes = {k: v for k, v in call_kwargs.items() if isinstance(v, (nnx.Pytree, nnx.Variable))}
   plain = {k: v for k, v in call_kwargs.items() if k not in nodes}
   graphdef, state = nnx.split(nodes)
   return plain, nodes, graphdef, state
