@@ -105,6 +105,8 @@ def test_consecutive_captures_name_layers_correctly():
       assert stats.kernel_shape == patches.tree_get(params, path)["kernel"].shape
   assert set(first.layers) == set(third.layers) == {("dense_0",), ("dense_1",), ("dense_2",)}
   assert set(second.layers) == {("conv_0",), ("conv_1",), ("conv_2",), ("head",)}
+  rules = soo.describe(second, params_cnn, print_fn=None)
+  assert rules["conv_1/kernel"].startswith("captured conv layer, kernel (2, 3, 3, 4)")
   # The user's model object never carries the capture's variables or stamps.
   for _, module in nnx.iter_modules(mlp):
     assert not any(k.startswith(("soo_", "_soo_")) for k in vars(module)), module

@@ -58,10 +58,10 @@ _PATH_ATTR = "_soo_capture_path"
 _INPUTS_ATTR = "soo_captured_inputs"
 _PERTURBATIONS_ATTR = "soo_output_perturbations"
 _HOW_TO_FIX = (
-    "Its recorded inputs did not come out of a transform around it: use NNX's lifted "
-    "transforms (nnx.scan, nnx.remat, nnx.vmap, nnx.jit) rather than raw jax transforms over "
-    "split/merged modules, and let nnx.StateAxes filters route every variable (e.g. end them "
-    "with `...: 0` or `...: None` only after the variables you broadcast).")
+    "Its recorded inputs did not come out of a transform around it: apply NNX's lifted "
+    "transforms (nnx.scan, nnx.remat, nnx.vmap, nnx.jit) to the module rather than raw jax "
+    "transforms to nnx.split/nnx.merge'd copies of it, and where nnx.StateAxes is given, give "
+    "the layer's non-parameter variables the axis of its parameters (e.g. {...: 0}).")
 
 
 class CaptureVariable(nnx.Variable):
@@ -302,11 +302,9 @@ def nnx_curvature(loss_family: LossFamily, *, fisher: str = "sampled",
       with _capturing(capture):
         outputs = copy(inputs, **kwargs)
       ran = list(capture.specs)
-      new_state = (nnx.state(copy, _MODEL_STATE), nnx.state(kwargs_nodes_of(kwargs)))
+      new_state = (nnx.state(copy, _MODEL_STATE),
+                   nnx.state({k: kwargs[k] for k in kwarg_nodes}))
       return outputs, layers, ran, new_state
-
-    def kwargs_nodes_of(kwargs):
-      return {k: kwargs[k] for k in kwarg_nodes}
 
     # Pass 1 (tracing only): the layers that run and the shapes of their outputs.
     shape_capture = _Capture(skip_unsupported, create_perturbations=True)
