@@ -29,9 +29,14 @@ def _capture(model, params, x, y, family):
   return curv_fn(params, x, y, jax.random.key(0))
 
 
-def _rows(model, params, x, y, family, path, has_bias, examples=None):
-  vectors = models.layer_vectors(models.per_example_grads(model, params, x, y, family),
-                                 path, has_bias)
+def _per_example(model, params, x, y, family):
+  """vmap(grad) per-example gradients (computed once per parameter point)."""
+  return models.per_example_grads(model, params, x, y, family)
+
+
+def _rows(pex, path, has_bias, examples=None):
+  """`U`: rows `vec(D_n)/√k` of the first `examples` (default all) examples."""
+  vectors = models.layer_vectors(pex, path, has_bias)
   vectors = vectors[:examples] if examples else vectors
   return vectors / np.sqrt(vectors.shape[0])
 
@@ -62,21 +67,20 @@ def test_dense_exact_with_schedule_and_stale_factors():
   tx = soo.scale_by_seng(damping=schedule, batch_size=12, inverse_every=2)
   state = tx.init(params)
   step = _step(tx)
-  old_params = params
+  pex = {}
   for count in range(3):
     _, grads, curvature = _capture(model, params, x, y, family)
     updates, state = step(grads, state, params, curvature)
-    refreshed = count % 2 == 0
-    factor_params = params if refreshed else old_params
-    damping = schedule(count if refreshed else count - 1)
+    refreshed_at = count - count % 2  # factors and damping from the last refresh
+    if refreshed_at == count:
+      pex[count] = _per_example(model, params, x, y, family)
+    damping = schedule(refreshed_at)
     for path, has_bias in _layers(params):
       plan = state.layers["/".join(path)].plan
       assert plan.kind == "hadamard"
-      rows = _rows(model, factor_params, x, y, family, path, has_bias)
+      rows = _rows(pex[refreshed_at], path, has_bias)
       expected = _smw(rows, models.grad_matrix(grads, path, has_bias).reshape(-1), damping)
       assert models.relative_error(_direction(updates, path, has_bias), expected) < TOL
-    if refreshed:
-      old_params = params
     params = jax.tree.map(lambda p, u: p - 0.3 * u, params, updates)
   assert step._cache_size() == 1
 
@@ -89,13 +93,14 @@ def test_conv_exact_explicit_and_low_rank(threshold, svd_rank):
                          explicit_threshold=threshold, svd_rank=svd_rank)
   state = tx.init(params)
   _, grads, curvature = _capture(model, params, x, y, family)
+  pex = _per_example(model, params, x, y, family)
   updates, state = _step(tx)(grads, state, params, curvature)
   kinds = {k: s.plan.kind for k, s in state.layers.items()}
   conv_kind = "explicit" if threshold else "low_rank"
   assert kinds == {"Conv_0": conv_kind, "Conv_1": conv_kind, "Conv_2": conv_kind,
                    "Dense_0": "hadamard"}
   for path, has_bias in _layers(params):
-    rows = _rows(model, params, x, y, family, path, has_bias)
+    rows = _rows(pex, path, has_bias)
     expected = _smw(rows, models.grad_matrix(grads, path, has_bias).reshape(-1), 0.02)
     assert models.relative_error(_direction(updates, path, has_bias), expected) < TOL
 
@@ -107,6 +112,7 @@ def test_low_rank_truncated_matches_its_system():
                          explicit_threshold=0, svd_rank=1)
   state = tx.init(params)
   _, grads, curvature = _capture(model, params, x, y, family)
+  pex = _per_example(model, params, x, y, family)
   updates, state = _step(tx)(grads, state, params, curvature)
   for path, has_bias in _layers(params)[:3]:
     stats = curvature.layers[path]
@@ -116,7 +122,7 @@ def test_low_rank_truncated_matches_its_system():
     projector = left[:, :, :1] @ np.swapaxes(left[:, :, :1], 1, 2)
     approx = np.einsum("ntd,nts,nse->nde", inputs, projector, out_grads)
     rows = approx.reshape(6, -1) / np.sqrt(6)
-    exact_rows = _rows(model, params, x, y, family, path, has_bias)
+    exact_rows = _rows(pex, path, has_bias)
     grad = models.grad_matrix(grads, path, has_bias).reshape(-1)
     direction = _direction(updates, path, has_bias)
     assert models.relative_error(direction, _smw(rows, grad, 0.02)) < TOL
@@ -128,11 +134,12 @@ def test_explicit_column_sketch():
   tx = soo.scale_by_seng(damping=SKETCH_DAMPING, batch_size=6, sketch_size=8)  # 64 columns
   state = tx.init(params)
   _, grads, curvature = _capture(model, params, x, y, family)
+  pex = _per_example(model, params, x, y, family)
   updates, state = _step(tx)(grads, state, params, curvature)
   for path, has_bias in _layers(params)[:3]:
     layer = state.layers["/".join(path)]
     kept = np.asarray(layer.factors.kept_columns)
-    rows = _rows(model, params, x, y, family, path, has_bias)
+    rows = _rows(pex, path, has_bias)
     grad = models.grad_matrix(grads, path, has_bias).reshape(-1)
     direction = _direction(updates, path, has_bias)
     if rows.shape[1] <= 64:  # Conv_0 (57 parameters) is not sketched.
@@ -156,6 +163,7 @@ def test_low_rank_row_sketch():
                          sketch_size=3)
   state = tx.init(params)
   _, grads, curvature = _capture(model, params, x, y, family)
+  pex = _per_example(model, params, x, y, family)
   updates, state = _step(tx)(grads, state, params, curvature)
   for path, has_bias in _layers(params)[:3]:
     layer = state.layers["/".join(path)]
@@ -164,7 +172,7 @@ def test_low_rank_row_sketch():
     kept_out = np.asarray(layer.factors.kept_outputs)
     assert len(kept_in) == 3 and len(kept_out) == (3 if d_out > 3 else 0)
     kept_out = kept_out if len(kept_out) else np.arange(d_out)
-    rows = _rows(model, params, x, y, family, path, has_bias)
+    rows = _rows(pex, path, has_bias)
     mats = rows.reshape(6, d_in, d_out)[:, kept_in][:, :, kept_out].reshape(6, -1)
     sketched = mats * np.sqrt(d_in * d_out / mats.shape[1])
     grad = models.grad_matrix(grads, path, has_bias).reshape(-1)
@@ -179,6 +187,7 @@ def test_subsample_and_sequence_layers():
   y = jax.random.normal(jax.random.key(2), (12, 3, 3))
   params = model.init(jax.random.key(3), x)["params"]
   _, grads, curvature = _capture(model, params, x, y, family)
+  pex = _per_example(model, params, x, y, family)
   with pytest.raises(ValueError, match="sequence_layers"):
     tx = soo.scale_by_seng(damping=0.1, subsample=5)
     tx.update(grads, tx.init(params), params, curvature=curvature)
@@ -188,7 +197,7 @@ def test_subsample_and_sequence_layers():
   updates, state = _step(tx)(grads, state, params, curvature)
   for path, has_bias in _layers(params):
     assert state.layers["/".join(path)].plan.kind == "explicit"
-    rows = _rows(model, params, x, y, family, path, has_bias, examples=5)
+    rows = _rows(pex, path, has_bias, examples=5)
     expected = _smw(rows, models.grad_matrix(grads, path, has_bias).reshape(-1), 0.1)
     assert models.relative_error(_direction(updates, path, has_bias), expected) < TOL
 
@@ -196,6 +205,7 @@ def test_subsample_and_sequence_layers():
 def test_errors_describe_and_failed_refresh():
   model, params, x, y, family = models.mlp_problem(batch=12, seed=7)
   _, grads, curvature = _capture(model, params, x, y, family)
+  pex = _per_example(model, params, x, y, family)
   with pytest.raises(ValueError, match="batch_size"):
     soo.seng(0.1, damping=0.1).init(params)
   with pytest.raises(ValueError, match="larger than batch_size"):
@@ -221,7 +231,7 @@ def test_errors_describe_and_failed_refresh():
   assert int(state.failures) == 3 and int(state.count) == 2  # one per layer
   assert all(np.all(np.isfinite(np.asarray(l))) for l in jax.tree.leaves(state))
   path, has_bias = _layers(params)[0]
-  expected = _smw(_rows(model, params, x, y, family, path, has_bias),
+  expected = _smw(_rows(pex, path, has_bias),
                   models.grad_matrix(grads, path, has_bias).reshape(-1), 0.1)
   assert models.relative_error(_direction(kept, path, has_bias), expected) < TOL
 
