@@ -15,7 +15,8 @@ the direction and the well-tuned first-order method the step size.
 
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Optional
+import functools
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,8 @@ class ShampooState(NamedTuple):
     statistics: per leaf key (`"Dense_0/kernel"`), the statistics `H_i` per mode
       (`(d_i, d_i)`, or `(d_i,)` for a diagonal mode), summed or running-averaged.
     roots: per leaf key, the inverse roots `(H_i + εI)^(-1/(2k))` per mode.
-    graft: state of the grafting transformation (`optax.EmptyState()` without grafting).
+    graft: state of the grafting transformation over the leaves keyed by leaf key
+      (`optax.EmptyState()` without grafting).
     failures: how many eigendecompositions gave non-finite results (each kept the previous
       root).
   """
@@ -77,6 +79,58 @@ def _graft_norm(direction: Array, graft_step: Array) -> Array:
   scale = jnp.where(norm > 0, jnp.linalg.norm(graft_step) / jnp.where(norm > 0, norm, 1.0),
                     0.0)
   return direction * scale
+
+
+class _Settings(NamedTuple):
+  """The step's hyperparameters as arrays (they may be traced by `inject_hyperparams`)."""
+
+  damping: Array
+  stats_decay: Array
+  stats_every: Array
+  inverse_every: Array
+  graft_decay: Array
+  graft_eps: Array
+  graft_momentum: Array
+
+
+@functools.partial(jax.jit, static_argnames=("layouts", "graft", "summed"))
+def _shampoo_step(updates: Dict[str, Array], state: ShampooState, settings: _Settings, *,
+                  layouts: Tuple[Tuple[str, tm.ModeLayout], ...], graft: Optional[str],
+                  summed: bool):
+  """One Shampoo step on leaves keyed by leaf key; compiled once per model layout, so
+  eager (un-jitted) use is fast too."""
+  layouts = dict(layouts)
+  count = state.count
+  grads = {key: tm.to_modes(leaf.astype(state.statistics[key][0].dtype), layouts[key])
+           for key, leaf in updates.items()}
+
+  def new_statistics():
+    batch = {key: tm.mode_statistics(grads[key], layout) for key, layout in layouts.items()}
+    if summed:
+      return jax.tree.map(jnp.add, state.statistics, batch)
+    return running_average(state.statistics, batch, settings.stats_decay, count == 0)
+
+  statistics = refresh(is_due(count, settings.stats_every), new_statistics, state.statistics)
+
+  def new_roots():
+    items = {key: tuple((stat, jnp.asarray(2.0 * layout.order, stat.dtype))
+                        for stat in statistics[key]) for key, layout in layouts.items()}
+    return tm.map_factors(_inverse_root(settings.damping), items, state.roots)
+
+  roots, failures = refresh(is_due(count, settings.inverse_every), new_roots,
+                            (state.roots, jnp.zeros((), jnp.int32)))
+  directions = {key: tm.apply_factors(grads[key], roots[key]) for key in layouts}
+  grafting = _graft_transformation(graft, settings.graft_decay, settings.graft_eps,
+                                   settings.graft_momentum)
+  graft_steps, graft_state = grafting.update(updates, state.graft)
+  if graft is not None:
+    directions = {key: _graft_norm(directions[key], graft_steps[key].astype(directions[key].dtype))
+                  for key in layouts}
+  out = {key: tm.from_modes(directions[key], layout).astype(updates[key].dtype)
+         for key, layout in layouts.items()}
+  new_state = ShampooState(count=count + 1, statistics=statistics, roots=roots,
+                           graft=graft_state, failures=state.failures + failures)
+  return out, select_tree(all_finite(updates), new_state, state)
 
 
 def scale_by_shampoo(
@@ -134,51 +188,27 @@ def scale_by_shampoo(
       statistics[key] = tm.zero_factors(layout, dtype)
       roots[key] = tm.identity_factors(layout, dtype)
     return ShampooState(count=jnp.zeros((), jnp.int32), statistics=statistics, roots=roots,
-                        graft=grafting.init(params), failures=jnp.zeros((), jnp.int32))
-
-  def accumulate(old, batch, count):
-    if stats_decay is None:
-      return jax.tree.map(jnp.add, old, batch)
-    return running_average(old, batch, hyperparameter_value(stats_decay, count), count == 0)
+                        graft=grafting.init(dict(zip(layouts, jax.tree.leaves(params)))),
+                        failures=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
+    del params, extra_args
     keys = tm.leaf_keys(updates)
     leaves, treedef = jax.tree.flatten(updates)
-    if set(keys) != set(state.statistics):
-      raise ValueError(f"shampoo: the updates have leaves {sorted(keys)} but the state was "
-                       f"initialised for {sorted(state.statistics)}")
-    layouts = {key: tm.layout_from_factors(jnp.shape(leaf), state.statistics[key])
-               for key, leaf in zip(keys, leaves)}
-    grads = {key: tm.to_modes(leaf.astype(state.statistics[key][0].dtype), layouts[key])
-             for key, leaf in zip(keys, leaves)}
-    count = state.count
-    eps = hyperparameter_value(damping, count)
-
-    def new_statistics():
-      batch = {key: tm.mode_statistics(grads[key], layouts[key]) for key in keys}
-      return accumulate(state.statistics, batch, count)
-
-    statistics = refresh(is_due(count, stats_every), new_statistics, state.statistics)
-
-    def new_roots():
-      items = {key: tuple((stat, jnp.asarray(2.0 * layouts[key].order, stat.dtype))
-                          for stat in statistics[key]) for key in keys}
-      return tm.map_factors(_inverse_root(eps), items, state.roots)
-
-    roots, failures = refresh(is_due(count, inverse_every), new_roots,
-                              (state.roots, jnp.zeros((), jnp.int32)))
-    directions = {key: tm.apply_factors(grads[key], roots[key]) for key in keys}
-    graft_steps, graft_state = grafting.update(updates, state.graft, params)
-    if graft is not None:
-      directions = {key: _graft_norm(directions[key],
-                                     step.astype(directions[key].dtype))
-                    for key, step in zip(keys, jax.tree.leaves(graft_steps))}
-    out = [tm.from_modes(directions[key], layouts[key]).astype(leaf.dtype)
-           for key, leaf in zip(keys, leaves)]
-    new_state = ShampooState(count=count + 1, statistics=statistics, roots=roots,
-                             graft=graft_state, failures=state.failures + failures)
-    return jax.tree.unflatten(treedef, out), select_tree(all_finite(updates), new_state, state)
+    layouts = tm.state_layouts("shampoo", keys, leaves, state.statistics)
+    settings = _Settings(
+        damping=hyperparameter_value(damping, state.count),
+        stats_decay=hyperparameter_value(0.0 if stats_decay is None else stats_decay,
+                                         state.count),
+        stats_every=jnp.asarray(stats_every, jnp.int32),
+        inverse_every=jnp.asarray(inverse_every, jnp.int32),
+        graft_decay=jnp.asarray(graft_decay, jnp.float32),
+        graft_eps=jnp.asarray(graft_eps, jnp.float32),
+        graft_momentum=jnp.asarray(graft_momentum, jnp.float32))
+    directions, new_state = _shampoo_step(
+        dict(zip(keys, leaves)), state, settings, layouts=tuple(layouts.items()),
+        graft=graft, summed=stats_decay is None)
+    return jax.tree.unflatten(treedef, [directions[key] for key in keys]), new_state
 
   tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -127,6 +127,16 @@ def describe_leaves(method: str, params: Any, max_factor_dim: Any) -> Dict[tuple
           for path in layerwise.leaf_paths(params)}
 
 
+def state_layouts(method: str, keys: Tuple[str, ...], leaves: Any,
+                  statistics: Dict[str, Factors]) -> Dict[str, ModeLayout]:
+  """The layout of every updated leaf, read from the factor shapes held in the state."""
+  if set(keys) != set(statistics):
+    raise ValueError(f"{method}: the updates have leaves {sorted(keys)} but the state was "
+                     f"initialised for {sorted(statistics)}")
+  return {key: layout_from_factors(jnp.shape(leaf), statistics[key])
+          for key, leaf in zip(keys, leaves)}
+
+
 def describe_layout(layout: ModeLayout) -> str:
   """E.g. `"modes (9, 3, 4), full factors"` or `"modes (500, 8), diagonal: mode 0"`."""
   text = f"modes {layout.modes}"

@@ -17,7 +17,8 @@ TNT only needs parameter shapes, so it works on any pytree, with or without `cur
 
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Optional
+import functools
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,51 @@ def _statistics_source(updates: Any, curvature: Optional[Curvature],
   return source
 
 
+class _Settings(NamedTuple):
+  """The step's hyperparameters as arrays (they may be traced by `inject_hyperparams`)."""
+
+  damping: Array
+  stats_decay: Array
+  stats_every: Array
+  inverse_every: Array
+
+
+@functools.partial(jax.jit, static_argnames=("layouts",))
+def _tnt_step(updates: Dict[str, Array], sources: Dict[str, Array], state: TNTState,
+              settings: _Settings, *, layouts: Tuple[Tuple[str, tm.ModeLayout], ...]):
+  """One TNT step on leaves keyed by leaf key; compiled once per model layout, so eager
+  (un-jitted) use is fast too."""
+  layouts = dict(layouts)
+  count = state.count
+
+  def new_statistics():
+    batch = {}
+    for key, grad in sources.items():
+      dtype = state.statistics[key][0].dtype
+      batch[key] = tm.mode_statistics(tm.to_modes(grad.astype(dtype), layouts[key]),
+                                      layouts[key])
+    return running_average(state.statistics, batch, settings.stats_decay, count == 0)
+
+  statistics = refresh(is_due(count, settings.stats_every), new_statistics, state.statistics)
+
+  def new_inverses():
+    factors = {key: normalized_factors(statistics[key], layout)
+               for key, layout in layouts.items()}
+    return tm.map_factors(_damped_inverse(settings.damping), factors, state.inverses)
+
+  inverses, failures = refresh(is_due(count, settings.inverse_every), new_inverses,
+                               (state.inverses, jnp.zeros((), jnp.int32)))
+  directions = {}
+  for key, update in updates.items():
+    tensor = tm.to_modes(update.astype(state.inverses[key][0].dtype), layouts[key])
+    directions[key] = tm.from_modes(tm.apply_factors(tensor, inverses[key]),
+                                    layouts[key]).astype(update.dtype)
+  new_state = TNTState(count=count + 1, statistics=statistics, inverses=inverses,
+                       failures=state.failures + failures)
+  finite = all_finite(updates) & all_finite(sources)
+  return directions, select_tree(finite, new_state, state)
+
+
 def scale_by_tnt(
     *,
     damping: ScalarOrSchedule = 0.1,
@@ -141,41 +187,16 @@ def scale_by_tnt(
     source = _statistics_source(updates, curvature, statistics_grads)
     keys = tm.leaf_keys(updates)
     leaves, treedef = jax.tree.flatten(updates)
-    if set(keys) != set(state.statistics):
-      raise ValueError(f"tnt: the updates have leaves {sorted(keys)} but the state was "
-                       f"initialised for {sorted(state.statistics)}")
-    layouts = {key: tm.layout_from_factors(jnp.shape(leaf), state.statistics[key])
-               for key, leaf in zip(keys, leaves)}
-    count = state.count
-    eps = hyperparameter_value(damping, count)
-
-    def new_statistics():
-      batch = {}
-      for key, grad in zip(keys, jax.tree.leaves(source)):
-        dtype = state.statistics[key][0].dtype
-        batch[key] = tm.mode_statistics(tm.to_modes(grad.astype(dtype), layouts[key]),
-                                        layouts[key])
-      return running_average(state.statistics, batch, hyperparameter_value(stats_decay, count),
-                             count == 0)
-
-    statistics = refresh(is_due(count, stats_every), new_statistics, state.statistics)
-
-    def new_inverses():
-      factors = {key: normalized_factors(statistics[key], layouts[key]) for key in keys}
-      return tm.map_factors(_damped_inverse(eps), factors, state.inverses)
-
-    inverses, failures = refresh(is_due(count, inverse_every), new_inverses,
-                                 (state.inverses, jnp.zeros((), jnp.int32)))
-    directions = []
-    for key, update in zip(keys, leaves):
-      layout = layouts[key]
-      tensor = tm.to_modes(update.astype(state.inverses[key][0].dtype), layout)
-      directions.append(
-          tm.from_modes(tm.apply_factors(tensor, inverses[key]), layout).astype(update.dtype))
-    new_state = TNTState(count=count + 1, statistics=statistics, inverses=inverses,
-                         failures=state.failures + failures)
-    finite = all_finite(updates) & all_finite(source)
-    return jax.tree.unflatten(treedef, directions), select_tree(finite, new_state, state)
+    layouts = tm.state_layouts("tnt", keys, leaves, state.statistics)
+    settings = _Settings(
+        damping=hyperparameter_value(damping, state.count),
+        stats_decay=hyperparameter_value(stats_decay, state.count),
+        stats_every=jnp.asarray(stats_every, jnp.int32),
+        inverse_every=jnp.asarray(inverse_every, jnp.int32))
+    directions, new_state = _tnt_step(dict(zip(keys, leaves)),
+                                      dict(zip(keys, jax.tree.leaves(source))), state,
+                                      settings, layouts=tuple(layouts.items()))
+    return jax.tree.unflatten(treedef, [directions[key] for key in keys]), new_state
 
   tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
