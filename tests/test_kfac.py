@@ -159,13 +159,14 @@ def solved_problem(name):
             for m, tx in txs.items()}
 
   results = all_methods(grads, curvature)
-  return exact_layers(model, params, x, y, family, fisher, rng, curvature, grads), results
+  layers = exact_layers(model, params, x, y, family, fisher, rng, curvature, grads)
+  return layers, results, (model, params, grads, curvature)
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)
 @pytest.mark.parametrize("method", METHODS)
 def test_direction_is_dense_solve_of_approximation(method, problem):
-  layers, results = solved_problem(problem)
+  layers, results, _ = solved_problem(problem)
   direction, state = results[method]
   assert int(state.count) == 1 and int(state.failures) == 0
   for path, layer in layers.items():
@@ -179,7 +180,7 @@ def test_direction_is_dense_solve_of_approximation(method, problem):
 
 @pytest.mark.parametrize("problem", ["mlp-squared", "cnn-softmax"])
 def test_tkfac_trace_is_exact_block_trace(problem):
-  layers, results = solved_problem(problem)
+  layers, results, _ = solved_problem(problem)
   _, state = results["tkfac"]
   for path, layer in layers.items():
     if layer["a"].shape[1] != 1:
@@ -292,30 +293,38 @@ def test_ekfac_running_averages_and_stale_basis():
 
 
 def test_failed_inverse_keeps_previous_and_counts():
-  """Undamped KFAC on a rank-deficient factor: Cholesky fails, state stays finite."""
-  model, params, x, y, family = models.mlp_problem(batch=3, loss="squared")
-  _, grads, curvature = soo.linen_curvature(model, family)(params, x, y, jax.random.key(0))
-  tx = soo.scale_by_kfac(damping=0.0)
-  direction, state = tx.update(grads, tx.init(params), params, curvature=curvature)
-  assert int(state.failures) > 0
-  for leaf in jax.tree.leaves((direction, state)):
+  """A factor that cannot be inverted keeps its previous inverse and counts a failure."""
+  model, params, x, y, family = models.mlp_problem(batch=4, loss="squared")
+  curv_fn = jax.jit(soo.linen_curvature(model, family, fisher="empirical"))
+  # Step 0: damped. Step 1: undamped, and zero inputs make Dense_0's A exactly singular.
+  tx = soo.scale_by_kfac(damping=lambda count: jnp.where(count == 0, 1e-2, 0.0),
+                         stats_decay=0.0, inverse_every=1)
+  step = jax.jit(lambda g, s, c: tx.update(g, s, params, curvature=c))
+  _, grads, curvature = curv_fn(params, x, y)
+  _, first = step(grads, tx.init(params), curvature)
+  _, grads, curvature = curv_fn(params, jnp.zeros_like(x), y)
+  direction, second = step(grads, first, curvature)
+  assert int(first.failures) == 0 and int(second.failures) >= 1
+  np.testing.assert_array_equal(second.layers["Dense_0"].input_inverse,
+                                first.layers["Dense_0"].input_inverse)
+  assert not np.allclose(second.layers["Dense_0"].input_factor,
+                         first.layers["Dense_0"].input_factor)
+  for leaf in jax.tree.leaves((direction, second)):
     assert np.all(np.isfinite(np.asarray(leaf)))
 
 
 def test_bad_inputs_raise_clear_errors():
-  model, params, x, y, family = models.mlp_problem()
   for bad in (dict(damping=-1.0), dict(damping=1e-3, stats_every=0),
               dict(damping=1e-3, inverse_every=2.5), dict(damping=1e-3, stats_decay=1.0)):
     with pytest.raises(ValueError, match="tekfac"):
       soo.scale_by_tekfac(**bad)
-  other = models.MLP(features=(7, 5, 3))
-  other_params = other.init(jax.random.key(0), x)["params"]
-  _, _, other_curvature = soo.linen_curvature(other, family)(other_params, x, y,
-                                                              jax.random.key(0))
-  _, grads, _ = soo.linen_curvature(model, family)(params, x, y, jax.random.key(0))
+  _, _, (model, params, grads, curvature) = solved_problem("mlp-softmax")
+  # Curvature of another model (Dense_0 has 6 outputs there, 7 here).
+  other_params = models.MLP(features=(7, 5, 3)).init(jax.random.key(0), jnp.ones((1, 4)))
+  other_params = other_params["params"]
   tx = soo.scale_by_kfac(damping=1e-3)
-  with pytest.raises(ValueError, match="kernel shape"):
-    tx.update(grads, tx.init(params), params, curvature=other_curvature)
+  with pytest.raises(ValueError, match="kfac: curvature for layer Dense_0 has kernel shape"):
+    tx.update(other_params, tx.init(other_params), other_params, curvature=curvature)
 
 
 def test_describe_and_fallback():

@@ -353,12 +353,17 @@ def _scale_by_family(variant: _Variant, *, damping: ScalarOrSchedule,
                      ) -> optax.GradientTransformationExtraArgs:
   _check_hyperparameters(variant.name, damping, stats_decay, stats_every, inverse_every)
   stats_every, inverse_every = operator.index(stats_every), operator.index(inverse_every)
+  try:
+    pi_correction = bool(pi_correction)
+  except TypeError:
+    raise ValueError(f"{variant.name}: pi_correction must be a Python bool; with "
+                     f"optax.inject_hyperparams pass static_args=('pi_correction',)") from None
   return layerwise.layerwise_transformation(
       variant.name,
       init_layer=lambda info: _init_layer(variant, info),
       update_layers=_make_update_layers(
           variant, damping=damping, stats_decay=stats_decay, stats_every=stats_every,
-          inverse_every=inverse_every, pi_correction=bool(pi_correction)),
+          inverse_every=inverse_every, pi_correction=pi_correction),
       fallback=fallback,
       layers=layers,
       describe_layer=_describe_layer(variant, inverse_every),
