@@ -21,7 +21,7 @@ METHODS = {
     "tnt": dict(learning_rate=0.01, damping=0.1),
     "shampoo": dict(learning_rate=0.05, damping=1e-4),
     "mbf": dict(learning_rate=0.1, damping=1e-2),
-    "seng": dict(learning_rate=0.1, damping=1e-1),
+    "seng": dict(learning_rate=0.1, damping=1e-1, batch_size=8),
 }
 AVAILABLE = [m for m in METHODS if hasattr(soo, m)]
 

@@ -62,6 +62,7 @@ import dataclasses
 import math
 from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import optax
@@ -102,6 +103,12 @@ class SengPlan:
   @property
   def size(self) -> int:
     return self.matrix_shape[0] * self.matrix_shape[1]
+
+
+# A plan is static structure: checkpoints (flax.serialization) store nothing for it and
+# restoring keeps the plan of the target state built by `init`.
+flax.serialization.register_serialization_state(
+    SengPlan, ty_to_state_dict=lambda plan: {}, ty_from_state_dict=lambda plan, _: plan)
 
 
 class ExplicitFactors(NamedTuple):
