@@ -9,6 +9,7 @@ running-averages the statistics, takes `(H_i + εI)^(-1/(2k))` by float64 `eigh`
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import secondorder_optax as soo
@@ -133,3 +134,25 @@ def test_contract_chain_inject_multisteps_bf16():
   contract.check_chain_and_inject(soo.scale_by_shampoo, soo.shampoo, **HPARAMS)
   contract.check_multisteps_and_nonfinite(soo.shampoo, graft="rmsprop", **HPARAMS)
   contract.check_bf16(soo.shampoo, **HPARAMS)
+
+
+def test_inject_hyperparams_traces_refresh_periods():
+  """Without static_args, injected refresh periods and graft settings are traced."""
+  params = {"w": jnp.ones((3, 2)), "s": jnp.ones(())}
+  tx = optax.inject_hyperparams(soo.shampoo)(learning_rate=0.1, inverse_every=1,
+                                             graft="adam")
+  state = tx.init(params)
+  state.hyperparams["inverse_every"] = jnp.asarray(1, jnp.int32)  # not weakly typed
+  step = jax.jit(tx.update)
+  roots = lambda s: [np.asarray(x) for x in jax.tree.leaves(s.inner_state[0].roots)]
+  _, state = step({"w": jnp.arange(6.0).reshape(3, 2), "s": jnp.ones(())}, state, params)
+  before = roots(state)
+  state.hyperparams["inverse_every"] = jnp.asarray(1000, jnp.int32)
+  _, state = step({"w": jnp.ones((3, 2)), "s": jnp.ones(())}, state, params)
+  for a, b in zip(roots(state), before):
+    np.testing.assert_array_equal(a, b)
+  state.hyperparams["inverse_every"] = jnp.asarray(1, jnp.int32)
+  state.hyperparams["graft_decay"] = jnp.asarray(0.5, jnp.float32)
+  _, state = step({"w": jnp.ones((3, 2)), "s": jnp.ones(())}, state, params)
+  assert any(not np.allclose(a, b) for a, b in zip(roots(state), before))
+  assert step._cache_size() == 1

@@ -328,3 +328,24 @@ def test_contract_chain_inject_multisteps_bf16():
   contract.check_chain_and_inject(soo.scale_by_tnt, soo.tnt, **HPARAMS)
   contract.check_multisteps_and_nonfinite(soo.tnt, **HPARAMS)
   contract.check_bf16(soo.tnt, **HPARAMS)
+
+
+def test_inject_hyperparams_traces_refresh_periods():
+  """Without static_args, injected refresh periods are traced and still act, no recompiles."""
+  params = {"w": jnp.ones((3, 2)), "s": jnp.ones(())}
+  tx = optax.inject_hyperparams(soo.tnt)(learning_rate=0.1, inverse_every=1)
+  state = tx.init(params)
+  assert state.hyperparams["inverse_every"].dtype == jnp.int32
+  state.hyperparams["inverse_every"] = jnp.asarray(1, jnp.int32)  # not weakly typed
+  step = jax.jit(tx.update)
+  inverses = lambda s: [np.asarray(x) for x in jax.tree.leaves(s.inner_state[1].inverses)]
+  _, state = step({"w": jnp.arange(6.0).reshape(3, 2), "s": jnp.ones(())}, state, params)
+  before = inverses(state)
+  state.hyperparams["inverse_every"] = jnp.asarray(1000, jnp.int32)
+  _, state = step({"w": jnp.ones((3, 2)), "s": jnp.ones(())}, state, params)
+  for a, b in zip(inverses(state), before):
+    np.testing.assert_array_equal(a, b)
+  state.hyperparams["inverse_every"] = jnp.asarray(1, jnp.int32)
+  _, state = step({"w": jnp.ones((3, 2)), "s": jnp.ones(())}, state, params)
+  assert any(not np.allclose(a, b) for a, b in zip(inverses(state), before))
+  assert step._cache_size() == 1
