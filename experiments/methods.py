@@ -64,13 +64,27 @@ class Method:
   def needs_curvature(self) -> bool:
     return self.fisher is not None
 
-  def build(self, learning_rate: Optional[float] = None,
+  def build(self, learning_rate: Optional[float] = None, *, batch_size: Optional[int] = None,
             **overrides) -> optax.GradientTransformation:
-    """The full optimizer at the preset, with `overrides` replacing preset values."""
+    """The full optimizer at the preset, with `overrides` replacing preset values.
+
+    `batch_size` is passed on to optimizers that size their state by it (SENG keeps one
+    row per example) unless they subsample.
+    """
     hparams = {**self.hparams, **overrides}
+    if (batch_size is not None and _accepts(self.factory, "batch_size")
+        and hparams.get("subsample") is None):
+      hparams.setdefault("batch_size", batch_size)
     _check_keywords(self.name, self.factory, hparams)
     lr = self.learning_rate if learning_rate is None else learning_rate
     return self.factory(lr, **hparams)
+
+
+def _accepts(factory: Callable, keyword: str) -> bool:
+  try:
+    return keyword in inspect.signature(factory).parameters
+  except (TypeError, ValueError):
+    return False
 
 
 def _check_keywords(name: str, factory: Callable, hparams: Mapping[str, Any]) -> None:

@@ -208,7 +208,7 @@ def train(task: Task, dataset: data_lib.Dataset, method: Method, *, epochs: int,
   (`diverged` is then True).
   """
   lr = method.learning_rate if learning_rate is None else learning_rate
-  tx = method.build(lr, **(overrides or {}))
+  tx = method.build(lr, batch_size=batch_size, **(overrides or {}))
   x_train = task.inputs(dataset.x_train)
   t_train = task.targets(dataset.x_train, dataset.y_train)
   x_test = task.inputs(dataset.x_test)
@@ -217,7 +217,7 @@ def train(task: Task, dataset: data_lib.Dataset, method: Method, *, epochs: int,
   opt_state = tx.init(params)
   evaluate = evaluate_fn(task)
   inputs, targets = jnp.asarray(x_train), jnp.asarray(t_train)
-  step = jax.jit(train_step_fn(task, tx, method.fisher), donate_argnums=(0, 1, 2))
+  step = jax.jit(train_step_fn(task, tx, method.fisher))
   base_key = jax.random.key(seed)
 
   idx0 = epoch_batches(len(x_train), batch_size, seed, 0)
@@ -248,6 +248,8 @@ def train(task: Task, dataset: data_lib.Dataset, method: Method, *, epochs: int,
       rng = jax.random.fold_in(base_key, steps_done)
       params, model_state, opt_state, loss = compiled(params, model_state, opt_state,
                                                       inputs, targets, idx, rng)
+      # One step at a time: queued CPU computations can deadlock (jax-ml/jax#25861).
+      jax.block_until_ready(loss)
       steps_done += 1
     jax.block_until_ready(params)
     train_seconds += time.perf_counter() - start

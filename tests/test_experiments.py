@@ -1,0 +1,164 @@
+"""Tests of `experiments/`: data loaders (checksums, download against a local server),
+the method registry, and one tiny `compare` run with the files it writes."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import http.server
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from experiments import compare, data, methods, training
+
+
+def _write_npz(path, n_train=6, n_test=3, seed=0):
+  rng = np.random.default_rng(seed)
+  np.savez(path, x_train=rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+           y_train=rng.integers(0, 10, n_train).astype(np.uint8),
+           x_test=rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+           y_test=np.arange(n_test, dtype=np.uint8))
+  return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_load_npz_checks_sha256_and_scales(tmp_path):
+  path = str(tmp_path / "small.npz")
+  sha = _write_npz(path)
+  ds = data.load_npz(path, sha256=sha)
+  assert ds.x_train.shape == (6, 28, 28, 1) and ds.x_train.dtype == np.float32
+  assert 0.0 <= ds.x_train.min() and ds.x_train.max() <= 1.0
+  np.testing.assert_array_equal(ds.y_test, [0, 1, 2])
+  with pytest.raises(data.ChecksumError, match="checksum mismatch.*small.npz"):
+    data.load_npz(path, sha256="0" * 64)
+
+
+def test_known_file_name_with_wrong_content_is_a_clear_error(tmp_path, monkeypatch):
+  _write_npz(str(tmp_path / "mnist.npz"))  # Not the real MNIST: its checksum differs.
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+  with pytest.raises(data.ChecksumError, match="mnist.npz.*expected 06af5dfe"):
+    data.load_dataset("mnist")
+
+
+def test_missing_dataset_and_unknown_names(tmp_path, monkeypatch):
+  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+  with pytest.raises(FileNotFoundError, match="fashion_mnist.npz"):
+    data.load_dataset("fashion_mnist", data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
+    data.load_dataset("cifar")
+  with pytest.raises(ValueError, match="no known checksum"):
+    _write_npz(str(tmp_path / "other.npz"))
+    data.load_npz(str(tmp_path / "other.npz"))
+
+
+@pytest.fixture()
+def local_server(tmp_path):
+  served = tmp_path / "served"
+  served.mkdir()
+  handler = functools.partial(_QuietHandler, directory=str(served))
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  yield served, f"http://127.0.0.1:{server.server_address[1]}"
+  server.shutdown()
+  server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+  requests = 0
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    type(self).requests += 1
+    super().do_GET()
+
+  def log_message(self, *args):
+    pass
+
+
+def test_download_verifies_and_caches(local_server, tmp_path):
+  served, url = local_server
+  sha = _write_npz(str(served / "small.npz"))
+  cache = str(tmp_path / "cache")
+  before = _QuietHandler.requests
+  path = data.download(f"{url}/small.npz", sha256=sha, cache_dir=cache)
+  assert data.sha256_of(path) == sha and _QuietHandler.requests == before + 1
+  again = data.download(f"{url}/small.npz", sha256=sha, cache_dir=cache)
+  assert again == path and _QuietHandler.requests == before + 1  # Served from the cache.
+  ds = data.load_npz(path, sha256=sha)
+  assert ds.x_test.shape == (3, 28, 28, 1)
+  # A wrong checksum fails clearly and leaves nothing behind in a fresh cache.
+  bad_cache = str(tmp_path / "bad")
+  with pytest.raises(data.ChecksumError, match="checksum mismatch"):
+    data.download(f"{url}/small.npz", sha256="f" * 64, cache_dir=bad_cache)
+  assert os.listdir(bad_cache) == []
+
+
+def test_load_dataset_downloads_when_allowed(local_server, tmp_path, monkeypatch):
+  served, url = local_server
+  sha = _write_npz(str(served / "mnist.npz"), seed=1)
+  monkeypatch.setenv(data.CACHE_DIR_ENV, str(tmp_path / "cache"))
+  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+  ds = data.load_dataset("mnist", allow_download=True, url=f"{url}/mnist.npz", sha256=sha)
+  assert ds.name == "mnist" and ds.x_train.shape == (6, 28, 28, 1)
+
+
+def test_embedded_digits():
+  ds = data.load_digits()
+  assert ds.x_train.shape == (1500, 8, 8, 1) and ds.x_test.shape == (297, 8, 8, 1)
+  assert ds.x_train.max() == 1.0 and set(np.unique(ds.y_train)) == set(range(10))
+
+
+def test_registry_lists_baselines_and_available_methods():
+  names = methods.available_names()
+  assert names[:2] == ("adam", "sgd")
+  for name in methods.ALL_NAMES[2:]:
+    assert (name in names) == hasattr(methods.soo, name)
+  for method in methods.available_methods():
+    assert method.reference and method.learning_rate > 0
+  with pytest.raises(ValueError, match="unknown method 'lbfgs'"):
+    methods.get_method("lbfgs")
+  with pytest.raises(TypeError, match=r"\['not_a_knob'\].*not accepted"):
+    methods.get_method("adam").build(not_a_knob=1)
+
+
+def test_same_batches_for_every_method():
+  a = training.epoch_batches(50, 8, seed=3, epoch=2)
+  b = training.epoch_batches(50, 8, seed=3, epoch=2)
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == (6, 8) and len(np.unique(a)) == 48
+  assert not np.array_equal(a, training.epoch_batches(50, 8, seed=3, epoch=3))
+
+
+def test_reach_target():
+  run = {"epoch": [0, 1, 2, 3], "train_loss": [5.0, 3.0, 2.0, 1.0],
+         "seconds": [0.0, 1.0, 2.0, 3.0]}
+  assert training.reach_target(run, 2.5) == (2, 2.0)
+  assert training.reach_target(run, 0.5) == (None, None)
+
+
+def test_tiny_compare_run(tmp_path):
+  second = "tnt" if methods.is_available("tnt") else "sgd"
+  out = str(tmp_path / "out")
+  results = compare.main([
+      "--methods", f"adam,{second}", "--epochs", "2", "--batch-size", "100",
+      "--train-subset", "300", "--hidden", "16,4", "--output-dir", out, "--no-progress"])
+  assert sorted(os.listdir(out)) == ["curves.csv", "loss_vs_epoch.png", "loss_vs_seconds.png",
+                                     "results.json", "summary.md"]
+  saved = json.load(open(os.path.join(out, "results.json")))
+  assert [r["method"] for r in saved["summary"]] == ["adam", second]
+  adam, other = saved["runs"]
+  assert adam["epoch"] == [0, 1, 2] and adam["steps"] == 6
+  # Same initial parameters for every method: identical loss before training.
+  assert adam["train_loss"][0] == pytest.approx(other["train_loss"][0], rel=1e-6)
+  assert adam["train_loss"][-1] < adam["train_loss"][0]
+  summary = {r["method"]: r for r in saved["summary"]}
+  assert summary["adam"]["step_time_vs_adam"] == pytest.approx(1.0)
+  assert summary["adam"]["epochs_to_adam_final"] == 2
+  with open(os.path.join(out, "curves.csv")) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 6 and {r["method"] for r in rows} == {"adam", second}
+  assert results["config"]["train_examples"] == 300
