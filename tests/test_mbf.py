@@ -63,8 +63,20 @@ def layer_info(params, path):
   return tuple(node["kernel"].shape), "bias" in node
 
 
+def capture(model, family, params, x, y, fisher="empirical"):
+  """`(grads, curvature)` from the jitted linen capture (eager capture is slow)."""
+  curv_fn = jax.jit(soo.linen_curvature(model, family, fisher=fisher))
+  _, grads, curvature = curv_fn(params, x, y, jax.random.key(0))
+  return grads, curvature
+
+
+def per_example_grads(model, params, x, y, family):
+  return jax.jit(lambda p, xs, ys: models.per_example_grads(model, p, xs, ys, family))(
+      params, x, y)
+
+
 def expected_directions(model, params, x, y, family, blocks_of, damping=DAMPING, grads=None):
-  pex = models.per_example_grads(model, params, x, y, family)
+  pex = per_example_grads(model, params, x, y, family)
   out = {}
   for path in blocks_of:
     kernel_shape, has_bias = layer_info(params, path)
@@ -107,8 +119,7 @@ def one_step(tx, params, curvature, grads):
 def test_dense_direction_equals_block_diagonal_solve_with_override():
   """block_size=4 on d_in 4/6/5 (full and shorter last chunks), RowBlocks on Dense_2."""
   model, params, x, y, family = models.mlp_problem(batch=12, d_in=4, classes=3)
-  curv_fn = soo.linen_curvature(model, family, fisher="empirical")
-  _, grads, curvature = curv_fn(params, x, y, jax.random.key(0))
+  grads, curvature = capture(model, family, params, x, y)
   tx = soo.scale_by_mbf(damping=DAMPING, block_size=4, partitions={"Dense_2": soo.RowBlocks()})
   updates, state = one_step(tx, params, curvature, grads)
   expected = expected_directions(model, params, x, y, family,
@@ -126,8 +137,7 @@ def test_dense_direction_equals_block_diagonal_solve_with_override():
 def test_large_block_size_gives_one_block_per_unit():
   """block_size >= d_in + 1: each unit's kernel weights are one block (its bias one 1x1)."""
   model, params, x, y, family = models.mlp_problem(batch=10, d_in=4, classes=3, loss="mse")
-  curv_fn = soo.linen_curvature(model, family, fisher="empirical")
-  _, grads, curvature = curv_fn(params, x, y, jax.random.key(0))
+  grads, curvature = capture(model, family, params, x, y)
   tx = soo.scale_by_mbf(damping=DAMPING, block_size=7)
   updates, state = one_step(tx, params, curvature, grads)
   assert_directions(updates, expected_directions(model, params, x, y, family,
@@ -144,8 +154,7 @@ def test_large_block_size_gives_one_block_per_unit():
 def test_conv_direction_equals_block_diagonal_solve():
   """One kh*kw block per (c_in, c_out) pair, 1x1 bias blocks; the final dense: 16 + 8 + 1."""
   model, params, x, y, family = models.cnn_problem(batch=6)
-  curv_fn = soo.linen_curvature(model, family, fisher="empirical")
-  _, grads, curvature = curv_fn(params, x, y, jax.random.key(0))
+  grads, curvature = capture(model, family, params, x, y)
   updates, state = one_step(soo.scale_by_mbf(damping=DAMPING), params, curvature, grads)
   blocks_of = {}
   for name in ("Conv_0", "Conv_1", "Conv_2"):
@@ -172,8 +181,7 @@ def test_dense_at_several_locations_sums_per_example_gradient():
   x = jax.random.normal(jax.random.key(1), (8, 3, 4))
   y = jax.random.randint(jax.random.key(2), (8,), 0, 3)
   params = model.init(jax.random.key(3), x)["params"]
-  curv_fn = soo.linen_curvature(model, family, fisher="empirical")
-  _, grads, curvature = curv_fn(params, x, y, jax.random.key(0))
+  grads, curvature = capture(model, family, params, x, y)
   updates, _ = one_step(soo.scale_by_mbf(damping=DAMPING, block_size=3), params, curvature,
                         grads)
   blocks_of = {(n,): dense_chunk_blocks(*layer_info(params, (n,))[0], 3, True)
@@ -185,7 +193,8 @@ def test_dense_at_several_locations_sums_per_example_gradient():
 def test_running_average_and_held_inverse():
   """stats every step (EMA, first = batch statistic), inverses every 2 steps."""
   model, params, x, y, family = models.mlp_problem(batch=12, d_in=4, classes=3)
-  curv_fn = soo.linen_curvature(model, family, fisher="empirical")
+  curv_fn = jax.jit(soo.linen_curvature(model, family, fisher="empirical"))
+  pex_fn = jax.jit(lambda xs: models.per_example_grads(model, params, xs, y, family))
   decay, block = 0.7, 3
   tx = soo.scale_by_mbf(damping=DAMPING, block_size=block, stats_decay=decay, inverse_every=2)
   step = jax.jit(lambda g, s, p, c: tx.update(g, s, p, curvature=c))
@@ -197,7 +206,7 @@ def test_running_average_and_held_inverse():
     xi = x + 0.3 * i * jnp.sin(x)
     _, grads, curvature = curv_fn(params, xi, y, jax.random.key(i))
     updates, state = step(grads, state, params, curvature)
-    pex = models.per_example_grads(model, params, xi, y, family)
+    pex = pex_fn(xi)
     for path in blocks_of:
       batch = models.fisher_block(models.layer_vectors(pex, path, layer_info(params, path)[1]))
       fishers[path] = batch if i == 0 else decay * fishers[path] + (1 - decay) * batch
@@ -234,8 +243,7 @@ def _count_primitive(jaxpr, name):
 def test_one_batched_cholesky_per_block_size():
   """Same-size blocks of all layers share one call: sizes 4, 2, 1 and 6 -> four calls."""
   model, params, x, y, family = models.mlp_problem(batch=12, d_in=4, classes=3)
-  curv_fn = soo.linen_curvature(model, family, fisher="empirical")
-  _, grads, curvature = curv_fn(params, x, y, jax.random.key(0))
+  grads, curvature = capture(model, family, params, x, y)
   tx = soo.scale_by_mbf(damping=DAMPING, block_size=4, partitions={"Dense_2": soo.RowBlocks()})
   state = tx.init(params)
   jaxpr = jax.make_jaxpr(lambda g, s, c: tx.update(g, s, params, curvature=c))(
@@ -244,8 +252,7 @@ def test_one_batched_cholesky_per_block_size():
   # Two MLP layers with equal shapes: their 4-blocks go through a single call too.
   model2 = models.MLP(features=(4, 4, 3))
   params2 = model2.init(jax.random.key(0), x)["params"]
-  _, grads2, curvature2 = soo.linen_curvature(model2, family, fisher="empirical")(
-      params2, x, y, jax.random.key(0))
+  grads2, curvature2 = capture(model2, family, params2, x, y)
   tx2 = soo.scale_by_mbf(damping=DAMPING, block_size=4)
   jaxpr2 = jax.make_jaxpr(lambda g, s, c: tx2.update(g, s, params2, curvature=c))(
       grads2, tx2.init(params2), curvature2)
@@ -258,8 +265,7 @@ def test_one_batched_cholesky_per_block_size():
 
 def test_fisher_choice_and_errors():
   model, params, x, y, family = models.mlp_problem(batch=8)
-  _, grads, sampled = soo.linen_curvature(model, family, fisher="sampled")(
-      params, x, y, jax.random.key(0))
+  grads, sampled = capture(model, family, params, x, y, fisher="sampled")
   tx = soo.scale_by_mbf(damping=DAMPING)
   with pytest.raises(ValueError, match="fisher='empirical'.*fisher='sampled'"):
     tx.update(grads, tx.init(params), params, curvature=sampled)
@@ -281,8 +287,7 @@ def test_fisher_choice_and_errors():
 def test_failed_inversion_keeps_previous_and_counts():
   """A negative damping makes blocks indefinite: Cholesky fails, nothing non-finite is kept."""
   model, params, x, y, family = models.mlp_problem(batch=8)
-  _, grads, curvature = soo.linen_curvature(model, family, fisher="empirical")(
-      params, x, y, jax.random.key(0))
+  grads, curvature = capture(model, family, params, x, y)
   updates, state = one_step(soo.scale_by_mbf(damping=-10.0), params, curvature, grads)
   assert int(state.failures) > 0
   for leaf in jax.tree.leaves((updates, state)):

@@ -74,6 +74,24 @@ def keep_finite(new: Any, old: Any) -> Tuple[Any, Array]:
   return kept, jnp.where(ok, 0, 1).astype(jnp.int32)
 
 
+def after(value: Any, dependency: Any) -> Any:
+  """`value`, but not available before `dependency` has been computed.
+
+  Chains batched LAPACK calls so that XLA:CPU never runs two at once: jaxlib's batched
+  Cholesky/eigh split their batch over the intra-op thread pool and block a pool thread
+  waiting for it, so two of them running concurrently can deadlock a small (2-core) pool.
+  """
+  if dependency is None:
+    return value
+  # A real (if trivial) read of `dependency`: XLA:CPU schedules by buffer use, so an
+  # optimization barrier alone does not order the calls. `x * 0.0` is not folded for floats.
+  probe = sum(jnp.nan_to_num(jnp.ravel(x)[0].astype(jnp.float32))
+              for x in jax.tree.leaves(dependency))
+  zero = probe * 0.0
+  return jax.tree.map(
+      lambda v: v + zero.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.inexact) else v, value)
+
+
 def _signature(item: Any) -> Hashable:
   leaves, treedef = jax.tree.flatten(item)
   return (treedef, tuple((tuple(x.shape), jnp.asarray(x).dtype.name) for x in leaves))
@@ -94,9 +112,10 @@ def bucketed(fn: Callable[..., Any], items: Dict[Hashable, Any]) -> Dict[Hashabl
     groups.setdefault(_signature(item), []).append(key)
   results = {}
   batched_fn = jax.vmap(fn)
+  out = None
   for keys in groups.values():
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[items[k] for k in keys])
-    out = batched_fn(stacked)
+    out = batched_fn(after(stacked, out))
     for i, key in enumerate(keys):
       results[key] = jax.tree.map(lambda x, i=i: x[i], out)
   return results

@@ -324,9 +324,12 @@ def _invert_all(statistics: Dict[str, Dict[str, Array]], previous: Dict[str, Dic
       by_size.setdefault(inverse.shape[-1], []).append((layer, group))
   inverses = {layer: {} for layer in previous}
   failures = jnp.zeros((), jnp.int32)
+  new = None
   for size, members in sorted(by_size.items()):
     packed = jnp.concatenate([statistics[l][g] for l, g in members], axis=0)
     old = jnp.concatenate([previous[l][g] for l, g in members], axis=0)
+    # One size at a time: concurrent batched Cholesky calls can deadlock XLA:CPU.
+    packed, old = linalg.after((packed, old), new)
     new, failed = jax.vmap(_guarded_inverse, in_axes=(0, 0, None))(
         unpack(packed, size), old, damping.astype(old.dtype))
     failures = failures + failed.sum(dtype=jnp.int32)
