@@ -374,8 +374,8 @@ def _scale_by_family(variant: _Variant, *, damping: ScalarOrSchedule,
 # ---------------------------------------------------------------------------------------
 # Public transformations.
 
-_ARGS_DOC = """    damping: Tikhonov damping λ: a number, an array (e.g. from `optax.inject_hyperparams`)
-      or an optax schedule of the step count.
+_ARGS_DOC = """    damping: Tikhonov damping λ: a number, an array (e.g. from
+      `optax.inject_hyperparams`) or an optax schedule of the step count.
     stats_decay: weight of the old value in the running averages of the statistics
       (number or schedule); the first update takes the batch statistic itself.
     stats_every: statistics are updated at steps where `count % stats_every == 0`.
