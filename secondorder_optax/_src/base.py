@@ -12,6 +12,7 @@ read (`hyperparameter_value`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import chex
@@ -84,7 +85,52 @@ class LayerStats:
     return self.inputs.shape[self.stack_ndim]
 
 
-@flax.struct.dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerMeta:
+  """Static facts about a captured layer, known without computing its statistics."""
+
+  kind: str
+  kernel_shape: Tuple[int, ...]
+  has_bias: bool
+  stack_ndim: int
+  calls: int
+
+
+@jax.tree_util.register_pytree_node_class
+class FisherPullback:
+  """A deferred pullback of the Fisher-target cotangent (see `Curvature`).
+
+  Holds the forward pass's VJP, the Fisher cotangent and the recorded layer inputs; calling
+  `materialize()` runs the extra backward pass and assembles the per-layer statistics.
+  `extract` (a module-level function, static) maps the perturbations' cotangent to
+  `{path: [output grads per call]}`; `assemble` builds the `LayerStats`.
+  """
+
+  def __init__(self, vjp_fn, cotangent, inputs, batch_size, extract, assemble, static):
+    self.vjp_fn = vjp_fn
+    self.cotangent = cotangent
+    self.inputs = inputs
+    self.batch_size = batch_size
+    self.extract = extract
+    self.assemble = assemble
+    self.static = static
+
+  def materialize(self):
+    param_ct, perturb_ct = self.vjp_fn(self.cotangent)
+    fisher_grads = jax.tree.map(lambda g: g / self.batch_size, param_ct)
+    layers = self.assemble(self.static, self.inputs, self.extract(perturb_ct, self.static))
+    return layers, fisher_grads
+
+  def tree_flatten(self):
+    return ((self.vjp_fn, self.cotangent, self.inputs),
+            (self.batch_size, self.extract, self.assemble, self.static))
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(children[0], children[1], children[2], *aux)
+
+
+@jax.tree_util.register_pytree_node_class
 class Curvature:
   """Curvature information captured from one forward/backward pass.
 
@@ -94,11 +140,75 @@ class Curvature:
     fisher_grads: parameter gradients of the mean loss at the Fisher targets (sampled
       from the model, or the given targets for `fisher="empirical"`).
     fisher: 'sampled' or 'empirical'.
+    layer_meta: static facts (kind, kernel shape, bias, stacking, calls) per layer,
+      available without computing anything.
+
+  With `fisher="sampled"` a capture returns a *deferred* curvature: the extra backward
+  pass at the sampled targets runs where `layers` or `fisher_grads` is first read. An
+  optimizer that reads them only inside its statistics refresh (under `lax.cond`) thus pays
+  for that backward pass only at refresh steps. Compute the curvature inside the same
+  jitted step as the update (the usual pattern): a deferred curvature passed *into* a jitted
+  function as an argument carries a fresh VJP each time and causes a recompile.
   """
 
-  layers: Dict[LayerPath, LayerStats]
-  fisher_grads: Any
-  fisher: str = flax.struct.field(pytree_node=False, default="sampled")
+  def __init__(self, layers=None, fisher_grads=None, fisher: str = "sampled", *,
+               deferred: Optional[FisherPullback] = None,
+               layer_meta: Optional[Dict[LayerPath, LayerMeta]] = None):
+    if deferred is None and layers is None:
+      raise ValueError("Curvature needs layers= (or a deferred pullback)")
+    self._layers = layers
+    self._fisher_grads = fisher_grads
+    self._deferred = deferred
+    self.fisher = fisher
+    if layer_meta is None:
+      layer_meta = {path: LayerMeta(s.kind, tuple(s.kernel_shape), s.has_bias, s.stack_ndim,
+                                    s.calls) for path, s in layers.items()}
+    self.layer_meta = layer_meta
+
+  @property
+  def is_deferred(self) -> bool:
+    return self._deferred is not None
+
+  @property
+  def layers(self) -> Dict[LayerPath, LayerStats]:
+    if self._deferred is None:
+      return self._layers
+    return self._deferred.materialize()[0]
+
+  @property
+  def fisher_grads(self) -> Any:
+    if self._deferred is None:
+      return self._fisher_grads
+    return self._deferred.materialize()[1]
+
+  def materialized(self) -> "Curvature":
+    """The same curvature with its statistics computed now."""
+    if self._deferred is None:
+      return self
+    layers, fisher_grads = self._deferred.materialize()
+    return Curvature(layers, fisher_grads, self.fisher, layer_meta=self.layer_meta)
+
+  def finite_check_leaves(self) -> Any:
+    """What a non-finite guard should inspect (cheap for deferred curvature)."""
+    if self._deferred is None:
+      return (self._layers, self._fisher_grads)
+    return (self._deferred.cotangent, self._deferred.inputs)
+
+  def tree_flatten(self):
+    return ((self._layers, self._fisher_grads, self._deferred),
+            (self.fisher, tuple(self.layer_meta.items())))
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    layers, fisher_grads, deferred = children
+    obj = cls.__new__(cls)
+    obj._layers, obj._fisher_grads, obj._deferred = layers, fisher_grads, deferred
+    obj.fisher, obj.layer_meta = aux[0], dict(aux[1])
+    return obj
+
+  def __repr__(self) -> str:
+    state = "deferred" if self.is_deferred else "computed"
+    return f"Curvature({self.fisher}, {state}, layers={list(self.layer_meta)})"
 
 
 def path_to_str(path: LayerPath) -> str:
@@ -137,7 +247,9 @@ def refresh(due: Array, compute: Callable[[], Any], previous: Any) -> Any:
 
 
 def all_finite(tree: Any) -> Array:
-  """True when every floating leaf of `tree` is finite."""
+  """True when every floating leaf of `tree` is finite (a `Curvature`: its cheap leaves)."""
+  if isinstance(tree, Curvature):
+    tree = tree.finite_check_leaves()
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
   if not leaves:

@@ -286,7 +286,9 @@ def _make_update_layers(variant: _Variant, *, damping, stats_decay, stats_every,
     stats_due = is_due(count, stats_every)
     inverse_due = is_due(count, inverse_every)
     # Built lazily inside the refresh branches, so steps without a refresh skip im2col.
-    views = {key: (lambda dtype, s=s: layer_view(s, dtype)) for key, s in stats.items()}
+    # Read lazily: a deferred (sampled-Fisher) curvature then runs its extra backward pass
+    # only inside the statistics refresh.
+    views = {key: (lambda dtype, key=key: layer_view(stats[key], dtype)) for key in stats}
     no_failures = jnp.zeros((), jnp.int32)
 
     states = refresh(stats_due,

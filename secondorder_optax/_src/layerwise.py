@@ -155,8 +155,12 @@ def layer_mask(params: Any, infos: Mapping[str, LayerInfo]) -> Any:
 
 
 def check_curvature(method: str, curvature: Any, infos: Mapping[str, LayerInfo],
-                    needs: str = "per-layer statistics") -> Dict[str, LayerStats]:
-  """Matches `curvature.layers` to the layers found at `init`; clear errors otherwise."""
+                    needs: str = "per-layer statistics") -> "LayerStatsView":
+  """Matches `curvature.layer_meta` to the layers found at `init`; clear errors otherwise.
+
+  Returns:
+    a read-on-access mapping from layer key to `LayerStats` (see `LayerStatsView`).
+  """
   if curvature is None:
     raise ValueError(
         f"{method} needs curvature= ({needs}): call tx.update(grads, state, params, "
@@ -164,8 +168,8 @@ def check_curvature(method: str, curvature: Any, infos: Mapping[str, LayerInfo],
         f"soo.nnx_curvature")
   if not isinstance(curvature, Curvature):
     raise ValueError(f"{method}: curvature= must be a soo.Curvature, got {type(curvature).__name__}")
-  by_path = {tuple(p): s for p, s in curvature.layers.items()}
-  stats = {}
+  by_path = {tuple(p): m for p, m in curvature.layer_meta.items()}
+  keys = {}
   missing = []
   for key, info in infos.items():
     layer = by_path.get(info.path)
@@ -182,14 +186,57 @@ def check_curvature(method: str, curvature: Any, infos: Mapping[str, LayerInfo],
           f"{method}: curvature for layer {key} has kernel shape {tuple(layer.kernel_shape)} "
           f"(bias={layer.has_bias}) but params have {info.kernel_shape} (bias={info.has_bias}); "
           f"was the curvature computed for another model?")
-    stats[key] = layer
+    keys[key] = info.path
   if missing:
     raise ValueError(
         f"{method}: curvature has no statistics for layer(s) {missing} found in params "
         f"(captured: {sorted(path_to_str(p) for p in by_path)}). Layers the capture does not "
         f"support (e.g. ConvTranspose, DenseGeneral) must be excluded: pass "
         f"layers=list(curvature.layers) to the optimizer so their leaves use the fallback.")
-  return stats
+  return LayerStatsView(curvature, keys)
+
+
+def _current_trace() -> Any:
+  """The JAX trace being built now (None if unknown); used to scope a cache."""
+  try:
+    from jax._src import core  # pylint: disable=g-import-not-at-top
+    return core.trace_ctx.trace
+  except (ImportError, AttributeError):
+    return None
+
+
+class LayerStatsView(Mapping):
+  """`{layer key: LayerStats}` read from a `Curvature` only when an entry is accessed.
+
+  A deferred curvature (sampled Fisher) runs its extra backward pass where its statistics
+  are first read; methods that read `stats[key]` inside their statistics refresh (under
+  `lax.cond`) so pay for it only at refresh steps. Within one trace the materialized
+  statistics are cached, so reading many layers costs one backward pass.
+  """
+
+  def __init__(self, curvature: Curvature, paths: Dict[str, LayerPath]):
+    self._curvature = curvature
+    self._paths = paths
+    self._cache: list = []
+
+  def _layers(self) -> Dict[LayerPath, LayerStats]:
+    trace = _current_trace()
+    for cached_trace, layers in self._cache:
+      if trace is not None and cached_trace is trace:
+        return layers
+    layers = {tuple(p): s for p, s in self._curvature.layers.items()}
+    if trace is not None:
+      self._cache.append((trace, layers))
+    return layers
+
+  def __getitem__(self, key: str) -> LayerStats:
+    return self._layers()[self._paths[key]]
+
+  def __iter__(self):
+    return iter(self._paths)
+
+  def __len__(self) -> int:
+    return len(self._paths)
 
 
 UpdateLayers = Callable[..., Tuple[Dict[str, Array], Dict[str, Any], Array]]

@@ -76,15 +76,39 @@ def _statistics_source(updates: Any, curvature: Optional[Curvature],
     source, what = (updates, None) if statistics_grads is None else (
         statistics_grads, "statistics_grads")
   elif isinstance(curvature, Curvature):
+    if _defer_reading(curvature):
+      # Checked on shapes only; the extra backward pass runs inside the statistics refresh.
+      shapes = jax.eval_shape(lambda c: c.fisher_grads, curvature)
+      _check_structure(shapes, updates, "curvature.fisher_grads")
+      return curvature
     source, what = curvature.fisher_grads, "curvature.fisher_grads"
   else:
     raise ValueError(f"tnt: curvature= must be a soo.Curvature (or None), got "
                      f"{type(curvature).__name__}")
-  if what is not None and jax.tree.structure(source) != jax.tree.structure(updates):
+  if what is not None:
+    _check_structure(source, updates, what)
+  return source
+
+
+def _check_structure(source: Any, updates: Any, what: str) -> None:
+  if jax.tree.structure(source) != jax.tree.structure(updates):
     raise ValueError(
         f"tnt: {what} must have the structure of the updates; got "
         f"{jax.tree.structure(source)} for updates {jax.tree.structure(updates)}")
-  return source
+
+
+def _defer_reading(curvature: Curvature) -> bool:
+  """Read a deferred curvature inside the jitted step only when already tracing (eager
+  calls materialize it now, so the step's compile cache is not keyed on a fresh VJP)."""
+  return curvature.is_deferred and any(
+      isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(curvature.finite_check_leaves()))
+
+
+def _source_leaves(sources: Any, keys) -> Dict[str, Array]:
+  """Leaves keyed like the updates, from a dict of leaves or a deferred `Curvature`."""
+  if isinstance(sources, Curvature):
+    return dict(zip(keys, jax.tree.leaves(sources.fisher_grads)))
+  return sources
 
 
 class _Settings(NamedTuple):
@@ -97,7 +121,7 @@ class _Settings(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("layouts",))
-def _tnt_step(updates: Dict[str, Array], sources: Dict[str, Array], state: TNTState,
+def _tnt_step(updates: Dict[str, Array], sources: Any, state: TNTState,
               settings: _Settings, *, layouts: Tuple[Tuple[str, tm.ModeLayout], ...]):
   """One TNT step on leaves keyed by leaf key; compiled once per model layout, so eager
   (un-jitted) use is fast too."""
@@ -106,7 +130,7 @@ def _tnt_step(updates: Dict[str, Array], sources: Dict[str, Array], state: TNTSt
 
   def new_statistics():
     batch = {}
-    for key, grad in sources.items():
+    for key, grad in _source_leaves(sources, tuple(layouts)).items():
       dtype = state.statistics[key][0].dtype
       batch[key] = tm.mode_statistics(tm.to_modes(grad.astype(dtype), layouts[key]),
                                       layouts[key])
@@ -193,8 +217,9 @@ def scale_by_tnt(
         stats_decay=hyperparameter_value(stats_decay, state.count),
         stats_every=jnp.asarray(stats_every, jnp.int32),
         inverse_every=jnp.asarray(inverse_every, jnp.int32))
-    directions, new_state = _tnt_step(dict(zip(keys, leaves)),
-                                      dict(zip(keys, jax.tree.leaves(source))), state,
+    if not isinstance(source, Curvature):
+      source = dict(zip(keys, jax.tree.leaves(source)))
+    directions, new_state = _tnt_step(dict(zip(keys, leaves)), source, state,
                                       settings, layouts=tuple(layouts.items()))
     return jax.tree.unflatten(treedef, [directions[key] for key in keys]), new_state
 

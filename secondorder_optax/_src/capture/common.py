@@ -17,7 +17,8 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 
-from secondorder_optax._src.base import ConvConfig, Curvature, LayerPath, LayerStats, path_to_str
+from secondorder_optax._src.base import (ConvConfig, Curvature, FisherPullback, LayerMeta,
+                                         LayerPath, LayerStats, path_to_str)
 from secondorder_optax._src.losses import LossFamily
 
 Array = jax.Array
@@ -104,34 +105,46 @@ def conv_config(name: str, kernel_size: Any, strides: Any, padding: Any,
                     pre_pad=pre_pad)
 
 
-def pullback(outputs: Array, vjp_fn: Callable, loss_family: LossFamily, targets: Array,
-             rng: Optional[jax.Array], fisher: str):
-  """Loss and both pullbacks of one VJP.
+@dataclasses.dataclass(frozen=True)
+class CaptureLayout:
+  """Static description of what a capture recorded (hashable: pytree aux data).
 
-  Returns:
-    `(loss, grads, fisher_grads, output_cotangents)` where `output_cotangents` is the
-    pullback of the summed Fisher-target loss to the perturbations (per-example output grads).
+  Attributes:
+    paths: the captured layers' paths, in the order the per-layer lists are kept.
+    specs: the `LayerSpec` of each path.
+    kernel_shapes: each layer's kernel shape as in `params` (stacking axes included).
   """
-  loss_family.check_targets(outputs, targets)
-  batch = outputs.shape[0]
 
-  def mean_loss(out, tgt):
-    return loss_family.per_example_loss(out, tgt).mean()
+  paths: Tuple[LayerPath, ...]
+  specs: Tuple[LayerSpec, ...]
+  kernel_shapes: Tuple[Tuple[int, ...], ...]
 
-  loss, ct_true = jax.value_and_grad(mean_loss)(outputs, targets)
-  if fisher == "empirical":
-    param_ct, perturb_ct = vjp_fn((ct_true * batch).astype(outputs.dtype))
-    grads = jax.tree.map(lambda g: g / batch, param_ct)
-    return loss, grads, grads, perturb_ct
-  if rng is None:
-    raise ValueError("fisher='sampled' needs an rng to sample targets from the model; pass "
-                     "rng=jax.random.key(...) or use fisher='empirical'")
-  fisher_targets = loss_family.sample(rng, jax.lax.stop_gradient(outputs))
-  ct_fisher = jax.grad(lambda o: loss_family.per_example_loss(o, fisher_targets).sum())(outputs)
-  grads, _ = vjp_fn(ct_true.astype(outputs.dtype))
-  fisher_param_ct, perturb_ct = vjp_fn(ct_fisher.astype(outputs.dtype))
-  fisher_grads = jax.tree.map(lambda g: g / batch, fisher_param_ct)
-  return loss, grads, fisher_grads, perturb_ct
+  def stack_ndim(self, i: int) -> int:
+    return len(self.kernel_shapes[i]) - self.specs[i].kernel_ndim
+
+
+def layout_and_meta(specs: Dict[LayerPath, LayerSpec], inputs: Dict[LayerPath, Any],
+                    kernels: Dict[LayerPath, Any], how_to_fix: str):
+  """Validates what a forward pass recorded; returns the static layout and layer meta."""
+  if not specs:
+    raise ValueError(
+        "the model has no capturable layer (nn.Dense / nn.Conv, nnx.Linear / nnx.Conv); "
+        "second-order methods need at least one, shape-only methods (soo.tnt, soo.shampoo) "
+        "work from gradients alone")
+  paths = tuple(specs)
+  layout = CaptureLayout(paths=paths, specs=tuple(specs[p] for p in paths),
+                         kernel_shapes=tuple(tuple(kernels[p].shape) for p in paths))
+  meta = {}
+  for i, path in enumerate(paths):
+    xs = inputs.get(path)
+    if not xs:
+      raise ValueError(f"layer {path_to_str(path)} ran but produced no statistics. {how_to_fix}")
+    stack_ndim = layout.stack_ndim(i)
+    meta[path] = LayerMeta(kind=layout.specs[i].kind,
+                           kernel_shape=layout.kernel_shapes[i][stack_ndim:],
+                           has_bias=layout.specs[i].has_bias, stack_ndim=stack_ndim,
+                           calls=len(xs))
+  return layout, meta
 
 
 def _stack_calls(values: Sequence[Array], stack_ndim: int, name: str, what: str) -> Array:
@@ -145,35 +158,69 @@ def _stack_calls(values: Sequence[Array], stack_ndim: int, name: str, what: str)
   return jnp.stack(values, axis=stack_ndim + 1)
 
 
-def assemble(specs: Dict[LayerPath, LayerSpec], inputs: Dict[LayerPath, Sequence[Array]],
-             output_grads: Dict[LayerPath, Sequence[Array]],
-             kernels: Dict[LayerPath, Any], how_to_fix: str) -> Dict[LayerPath, LayerStats]:
-  """Builds `LayerStats` for every layer that ran, checking none lost its statistics."""
-  if not specs:
-    raise ValueError(
-        "the model has no capturable layer (nn.Dense / nn.Conv, nnx.Linear / nnx.Conv); "
-        "second-order methods need at least one, shape-only methods (soo.tnt, soo.shampoo) "
-        "work from gradients alone")
+def assemble(layout: CaptureLayout, inputs: Sequence[Sequence[Array]],
+             output_grads: Sequence[Sequence[Array]]) -> Dict[LayerPath, LayerStats]:
+  """`LayerStats` per layer from per-call inputs and output grads (lists in layout order)."""
   layers = {}
-  for path, spec in specs.items():
+  for i, path in enumerate(layout.paths):
     name = path_to_str(path)
-    xs, gs = inputs.get(path), output_grads.get(path)
-    if not xs or not gs or len(xs) != len(gs):
-      raise ValueError(
-          f"layer {name} ran but produced no statistics. {how_to_fix}")
-    kernel_shape = tuple(kernels[path].shape)
-    stack_ndim = len(kernel_shape) - spec.kernel_ndim
+    xs, gs = list(inputs[i]), list(output_grads[i] or [])
+    if len(xs) != len(gs):
+      raise ValueError(f"layer {name}: {len(xs)} recorded inputs but {len(gs)} output grads")
+    stack_ndim = layout.stack_ndim(i)
+    spec = layout.specs[i]
     layers[path] = LayerStats(
-        inputs=_stack_calls(list(xs), stack_ndim, name, "inputs"),
-        output_grads=_stack_calls(list(gs), stack_ndim, name, "outputs"),
+        inputs=_stack_calls(xs, stack_ndim, name, "inputs"),
+        output_grads=_stack_calls(gs, stack_ndim, name, "outputs"),
         kind=spec.kind,
-        kernel_shape=kernel_shape[stack_ndim:],
+        kernel_shape=layout.kernel_shapes[i][stack_ndim:],
         has_bias=spec.has_bias,
         conv=spec.conv,
         calls=len(xs),
         stack_ndim=stack_ndim,
     )
   return layers
+
+
+def finish_capture(outputs: Array, vjp_fn: Callable, loss_family: LossFamily, targets: Array,
+                   rng: Optional[jax.Array], fisher: str, *, specs, inputs, kernels,
+                   extract: Callable, how_to_fix: str, defer: bool):
+  """Loss, grads and curvature from one forward pass's VJP.
+
+  The VJP is pulled back with the cotangent of the mean loss at the given targets (loss,
+  grads) and with that of the summed loss at the Fisher targets (per-example output grads =
+  the perturbations' cotangents; `fisher_grads`). With `fisher="empirical"` both are the
+  same pullback. With `fisher="sampled"` and `defer=True` the second pullback is deferred
+  into the returned `Curvature` (see its docstring).
+
+  Args:
+    extract: module-level function `(perturbation cotangent, layout) -> list (layout order)
+      of per-call output grads`.
+  """
+  loss_family.check_targets(outputs, targets)
+  layout, meta = layout_and_meta(specs, inputs, kernels, how_to_fix)
+  recorded = [list(inputs[p]) for p in layout.paths]
+  batch = outputs.shape[0]
+
+  def mean_loss(out, tgt):
+    return loss_family.per_example_loss(out, tgt).mean()
+
+  loss, ct_true = jax.value_and_grad(mean_loss)(outputs, targets)
+  if fisher == "empirical":
+    param_ct, perturb_ct = vjp_fn((ct_true * batch).astype(outputs.dtype))
+    grads = jax.tree.map(lambda g: g / batch, param_ct)
+    layers = assemble(layout, recorded, extract(perturb_ct, layout))
+    return loss, grads, Curvature(layers, grads, fisher, layer_meta=meta)
+  if rng is None:
+    raise ValueError("fisher='sampled' needs an rng to sample targets from the model; pass "
+                     "rng=jax.random.key(...) or use fisher='empirical'")
+  fisher_targets = loss_family.sample(rng, jax.lax.stop_gradient(outputs))
+  ct_fisher = jax.grad(lambda o: loss_family.per_example_loss(o, fisher_targets).sum())(outputs)
+  grads, _ = vjp_fn(ct_true.astype(outputs.dtype))
+  deferred = FisherPullback(vjp_fn, ct_fisher.astype(outputs.dtype), recorded, batch,
+                            extract, assemble, layout)
+  curvature = Curvature(fisher=fisher, deferred=deferred, layer_meta=meta)
+  return loss, grads, (curvature if defer else curvature.materialized())
 
 
 def nested_get(tree: Any, path: LayerPath, default: Any = None) -> Any:
@@ -192,8 +239,3 @@ def check_batch(inputs: Any, targets: Any) -> None:
     raise ValueError(
         f"inputs have batch size {leaves[0].shape[0]} but targets have {targets.shape[0]}; "
         "the leading axis of both is the example axis")
-
-
-def make_curvature(layers, fisher_grads, fisher) -> Curvature:
-  return Curvature(layers=layers, fisher_grads=fisher_grads, fisher=fisher)
-

@@ -21,7 +21,6 @@ from typing import Any, Dict, Optional, Sequence
 import flax.linen as nn
 import jax
 
-from secondorder_optax._src.base import Curvature
 from secondorder_optax._src.capture import common
 from secondorder_optax._src.losses import LossFamily
 
@@ -88,7 +87,8 @@ class _Interceptor:
 
 
 def linen_curvature(model: nn.Module, loss_family: LossFamily, *, fisher: str = "sampled",
-                    mutable: Sequence[str] = (), skip_unsupported: bool = False):
+                    mutable: Sequence[str] = (), skip_unsupported: bool = False,
+                    defer: bool = True):
   """Builds a function returning loss, gradients and curvature of a linen model.
 
   Every `nn.Dense` and `nn.Conv` of the model (1-D/2-D/3-D, any strides, padding,
@@ -102,6 +102,10 @@ def linen_curvature(model: nn.Module, loss_family: LossFamily, *, fisher: str = 
     mutable: collections the forward pass updates (e.g. `("batch_stats",)`); when given,
       the function also returns the updated collections.
     skip_unsupported: leave unsupported layers uncaptured instead of raising.
+    defer: with `fisher="sampled"`, defer the backward pass at the sampled targets until
+      the curvature's statistics are read (see `soo.Curvature`): an optimizer that reads
+      them only at statistics refreshes then pays for it only there. `False` computes
+      everything now (use it to pass the curvature across a `jax.jit` boundary).
 
   Returns:
     `fn(params, inputs, targets, rng=None, *, model_state=None, rngs=None,
@@ -151,17 +155,14 @@ def linen_curvature(model: nn.Module, loss_family: LossFamily, *, fisher: str = 
       return outputs, new_vars
 
     outputs, vjp_fn, new_vars = jax.vjp(forward, params, perturbations, has_aux=True)
-    loss, grads, fisher_grads, out_grads = common.pullback(
-        outputs, vjp_fn, loss_family, targets, rng, fisher)
     specs = interceptor.specs
     sown = new_vars.get(INPUTS, {})
-    layers = common.assemble(
-        specs,
+    loss, grads, curvature = common.finish_capture(
+        outputs, vjp_fn, loss_family, targets, rng, fisher,
+        specs=specs,
         inputs={p: common.nested_get(sown, p + ("inputs",)) for p in specs},
-        output_grads={p: _ordered_calls(common.nested_get(out_grads, p)) for p in specs},
         kernels={p: common.nested_get(params, p + ("kernel",)) for p in specs},
-        how_to_fix=_HOW_TO_FIX)
-    curvature = Curvature(layers=layers, fisher_grads=fisher_grads, fisher=fisher)
+        extract=_output_grads, how_to_fix=_HOW_TO_FIX, defer=defer)
     if mutable:
       new_state = {k: v for k, v in new_vars.items() if k in mutable}
       return loss, grads, curvature, new_state
@@ -170,8 +171,10 @@ def linen_curvature(model: nn.Module, loss_family: LossFamily, *, fisher: str = 
   return curvature_fn
 
 
-def _ordered_calls(per_call: Optional[Dict[str, Any]]):
-  """`{"out_0": g0, "out_1": g1, ...}` -> `[g0, g1, ...]`."""
-  if not per_call:
-    return None
-  return [per_call[f"out_{i}"] for i in range(len(per_call))]
+def _output_grads(perturbation_cotangent, layout):
+  """Per layer (layout order), `{"out_0": g0, "out_1": g1, ...}` -> `[g0, g1, ...]`."""
+  grads = []
+  for path in layout.paths:
+    per_call = common.nested_get(perturbation_cotangent, path) or {}
+    grads.append([per_call[f"out_{i}"] for i in range(len(per_call))])
+  return grads

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from secondorder_optax._src.base import Curvature, LayerPath, path_to_str
+from secondorder_optax._src.base import LayerPath, path_to_str
 from secondorder_optax._src.capture import common
 from secondorder_optax._src.losses import LossFamily
 
@@ -246,7 +246,7 @@ def _split_call_kwargs(call_kwargs: Dict[str, Any]):
 
 
 def nnx_curvature(loss_family: LossFamily, *, fisher: str = "sampled",
-                  skip_unsupported: bool = False):
+                  skip_unsupported: bool = False, defer: bool = True):
   """Builds a function returning loss, gradients and curvature of an NNX model.
 
   Every `nnx.Linear` and `nnx.Conv` that runs in the model's forward pass (1-D/2-D/3-D, any
@@ -258,6 +258,8 @@ def nnx_curvature(loss_family: LossFamily, *, fisher: str = "sampled",
     loss_family: one of `soo.losses.*`; the model's outputs parameterise it.
     fisher: 'sampled' (targets drawn from the model: true Fisher) or 'empirical'.
     skip_unsupported: leave unsupported layers uncaptured instead of raising.
+    defer: with `fisher="sampled"`, defer the backward pass at the sampled targets until
+      the statistics are read (see `soo.Curvature` and `soo.linen_curvature`).
 
   Returns:
     `fn(model, inputs, targets, rng=None, **call_kwargs) -> (loss, grads, curvature)`.
@@ -333,17 +335,21 @@ def nnx_curvature(loss_family: LossFamily, *, fisher: str = "sampled",
 
     outputs, vjp_fn, (recorded, (new_model_state, new_kw_state)) = jax.vjp(
         forward, params, perturbations, has_aux=True)
-    loss, grads, fisher_grads, output_grads = common.pullback(
-        outputs, vjp_fn, loss_family, targets, rng, fisher)
-    layers = common.assemble(
-        {p: shape_capture.specs[p] for p in paths},
+    loss, grads, curvature = common.finish_capture(
+        outputs, vjp_fn, loss_family, targets, rng, fisher,
+        specs={p: shape_capture.specs[p] for p in paths},
         inputs=recorded,
-        output_grads={p: list(g) if g else None for p, g in zip(paths, output_grads)},
         kernels={p: common.nested_get(params, p + ("kernel",)) for p in paths},
-        how_to_fix=_HOW_TO_FIX)
+        extract=_output_grads, how_to_fix=_HOW_TO_FIX, defer=defer)
     nnx.update(model, new_model_state)
     if kwarg_nodes:
       nnx.update(kwarg_nodes, new_kw_state)
-    return loss, grads, Curvature(layers=layers, fisher_grads=fisher_grads, fisher=fisher)
+    return loss, grads, curvature
 
   return curvature_fn
+
+
+def _output_grads(perturbation_cotangent, layout):
+  """The perturbations' cotangent is already a list of per-call grads in layout order."""
+  del layout
+  return [list(g) if g else [] for g in perturbation_cotangent]
