@@ -142,7 +142,7 @@ _PRESETS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
                   "0.9, factors refreshed every 20 steps on the MNIST autoencoder")),
     ("kfac", dict(
         learning_rate=1e-3,
-        hparams={"damping": 1e-3, "momentum": 0.9, "stats_decay": 0.95, "stats_every": 1,
+        hparams={"damping": 0.1, "momentum": 0.9, "stats_decay": 0.95, "stats_every": 1,
                  "inverse_every": 20},
         fisher="sampled",
         reference="Martens & Grosse 2015 (factored Tikhonov damping with pi); fixed "
@@ -150,33 +150,34 @@ _PRESETS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
                   "decay 0.95 and inverses every 20 steps as in the KFAC-family issue")),
     ("ekfac", dict(
         learning_rate=1e-3,
-        hparams={"damping": 1e-3, "momentum": 0.9, "stats_decay": 0.95, "stats_every": 1,
+        hparams={"damping": 0.1, "momentum": 0.9, "stats_decay": 0.95, "stats_every": 1,
                  "inverse_every": 20},
         fisher="sampled",
         reference="George et al., NeurIPS 2018: eigenbasis every 20 steps, scalings every "
                   "step; lr/damping as for KFAC (no paper value for this autoencoder)")),
     ("tkfac", dict(
         learning_rate=1e-3,
-        hparams={"damping": 1e-3, "momentum": 0.9, "stats_decay": 0.95, "stats_every": 1,
+        hparams={"damping": 0.1, "momentum": 0.9, "stats_decay": 0.95, "stats_every": 1,
                  "inverse_every": 20},
         fisher="sampled",
         reference="Gao et al., AAAI 2021: as KFAC (no paper value for this autoencoder)")),
     ("tekfac", dict(
         learning_rate=1e-3,
-        hparams={"damping": 1e-3, "momentum": 0.9, "stats_decay": 0.95, "stats_every": 1,
+        hparams={"damping": 0.1, "momentum": 0.9, "stats_decay": 0.95, "stats_every": 1,
                  "inverse_every": 20},
         fisher="sampled",
         reference="Gao et al., arXiv 2011.13609: as EKFAC (no paper value for this "
                   "autoencoder)")),
     ("shampoo", dict(
         learning_rate=1e-3,
-        hparams={"damping": 1e-4, "momentum": 0.9, "stats_every": 1, "inverse_every": 20},
+        hparams={"damping": 1e-4, "momentum": 0.9, "stats_every": 1, "inverse_every": 20,
+                 "graft": "adam"},
         fisher=None,
         reference="Gupta, Koren & Singer 2018, as the TNT paper's baseline: eps 1e-4, "
                   "roots every 20 steps")),
     ("mbf", dict(
         learning_rate=1e-3,
-        hparams={"damping": 1e-3, "momentum": 0.9, "stats_decay": 0.95, "stats_every": 1,
+        hparams={"damping": 0.1, "momentum": 0.9, "stats_decay": 0.95, "stats_every": 1,
                  "inverse_every": 20, "block_size": 16},
         fisher="empirical",
         reference="Bahamou, Goldfarb & Ren, AISTATS 2023: empirical Fisher, mini-blocks "
