@@ -13,3 +13,12 @@ def test_quickstart_runs():
   namespace = {}
   exec(compile(code.replace("range(100)", "range(3)"), "README-quickstart", "exec"), namespace)
   assert float(namespace["loss"]) > 0
+
+
+def test_nnx_example_runs():
+  text = README.read_text()
+  code = re.search(r"optimizer.update`:\n\n```python\n(.*?)```", text, re.S).group(1)
+  assert "range(100)" in code
+  namespace = {}
+  exec(compile(code.replace("range(100)", "range(3)"), "README-nnx", "exec"), namespace)
+  assert float(namespace["loss"]) > 0

@@ -284,7 +284,7 @@ def test_bad_input_errors():
   with pytest.raises(ValueError, match="curvature= must be a soo.Curvature"):
     tx.update(params, state, params, curvature={"fisher_grads": params})
   wrong = soo.Curvature(layers={}, fisher_grads={"other": jnp.ones(3)})
-  with pytest.raises(ValueError, match="fisher_grads must have the structure"):
+  with pytest.raises(ValueError, match="fisher_grads must have the leaves of the updates"):
     tx.update(params, state, params, curvature=wrong)
   with pytest.raises(ValueError, match="state was initialised"):
     tx.update({"other": jnp.ones(3)}, state)

@@ -91,10 +91,16 @@ def _statistics_source(updates: Any, curvature: Optional[Curvature],
 
 
 def _check_structure(source: Any, updates: Any, what: str) -> None:
-  if jax.tree.structure(source) != jax.tree.structure(updates):
+  """Same leaves (count and shapes, in order) as the updates. Containers may differ: an
+  `nnx.State` of `nnx.Param`s and the plain `nnx.State` that `nnx.Optimizer` passes hold the
+  same leaves."""
+  source_shapes = [tuple(jnp.shape(x)) for x in jax.tree.leaves(source)]
+  update_shapes = [tuple(jnp.shape(x)) for x in jax.tree.leaves(updates)]
+  if source_shapes != update_shapes:
     raise ValueError(
-        f"tnt: {what} must have the structure of the updates; got "
-        f"{jax.tree.structure(source)} for updates {jax.tree.structure(updates)}")
+        f"tnt: {what} must have the leaves of the updates; got leaf shapes {source_shapes} "
+        f"for updates {update_shapes} ({jax.tree.structure(source)} vs "
+        f"{jax.tree.structure(updates)})")
 
 
 def _defer_reading(curvature: Curvature) -> bool:

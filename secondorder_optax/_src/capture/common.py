@@ -42,6 +42,16 @@ class LayerSpec:
     return 2 if self.kind == "dense" else len(self.conv.kernel_size) + 2
 
 
+def unsupported(name: str, what: str, skip: bool) -> None:
+  """`None` (leave the layer uncaptured) when `skip`, else a clear error naming the layer."""
+  if skip:
+    return None
+  raise UnsupportedLayerError(
+      f"layer {name} uses {what}, which the curvature capture does not support. Pass "
+      "skip_unsupported=True to leave such layers uncaptured (their parameters then go to "
+      "the optimizer's fallback transformation).")
+
+
 def check_fisher(fisher: str) -> None:
   if fisher not in FISHER_KINDS:
     raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")

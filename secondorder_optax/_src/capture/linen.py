@@ -37,29 +37,20 @@ def _layer_spec(module: nn.Module, skip_unsupported: bool) -> Optional[common.La
   name = "/".join(module.path) or type(module).__name__
   if isinstance(module, nn.Dense):
     if getattr(module, "dot_general_cls", None) is not None or module.dot_general is not None:
-      return _unsupported(name, "a custom dot_general", skip_unsupported)
+      return common.unsupported(name, "a custom dot_general", skip_unsupported)
     return common.LayerSpec(kind="dense", has_bias=module.use_bias)
   if isinstance(module, nn.Conv):
     if module.feature_group_count != 1:
-      return _unsupported(name, f"grouped convolution (feature_group_count="
+      return common.unsupported(name, f"grouped convolution (feature_group_count="
                           f"{module.feature_group_count})", skip_unsupported)
     if module.mask is not None:
-      return _unsupported(name, "a kernel mask", skip_unsupported)
+      return common.unsupported(name, "a kernel mask", skip_unsupported)
     if module.conv_general_dilated is not None or module.conv_general_dilated_cls is not None:
-      return _unsupported(name, "a custom conv_general_dilated", skip_unsupported)
+      return common.unsupported(name, "a custom conv_general_dilated", skip_unsupported)
     conv = common.conv_config(name, module.kernel_size, module.strides, module.padding,
                               module.input_dilation, module.kernel_dilation)
     return common.LayerSpec(kind="conv", has_bias=module.use_bias, conv=conv)
   return None
-
-
-def _unsupported(name: str, what: str, skip: bool) -> None:
-  if skip:
-    return None
-  raise common.UnsupportedLayerError(
-      f"layer {name} uses {what}, which the curvature capture does not support. Pass "
-      "skip_unsupported=True to leave such layers uncaptured (their parameters then go to "
-      "the optimizer's fallback transformation).")
 
 
 class _Interceptor:

@@ -85,27 +85,18 @@ def _layer_spec(module: nnx.Module, name: str,
   """The static description of a supported layer; `None` for a skipped one."""
   if isinstance(module, nnx.Linear):
     if module.dot_general is not lax.dot_general:
-      return _unsupported(name, "a custom dot_general", skip_unsupported)
+      return common.unsupported(name, "a custom dot_general", skip_unsupported)
     return common.LayerSpec(kind="dense", has_bias=module.bias is not None)
   if module.feature_group_count != 1:
-    return _unsupported(name, f"grouped convolution (feature_group_count="
+    return common.unsupported(name, f"grouped convolution (feature_group_count="
                         f"{module.feature_group_count})", skip_unsupported)
   if module.mask is not None:
-    return _unsupported(name, "a kernel mask", skip_unsupported)
+    return common.unsupported(name, "a kernel mask", skip_unsupported)
   if module.conv_general_dilated is not lax.conv_general_dilated:
-    return _unsupported(name, "a custom conv_general_dilated", skip_unsupported)
+    return common.unsupported(name, "a custom conv_general_dilated", skip_unsupported)
   conv = common.conv_config(name, module.kernel_size, module.strides, module.padding,
                             module.input_dilation, module.kernel_dilation)
   return common.LayerSpec(kind="conv", has_bias=module.bias is not None, conv=conv)
-
-
-def _unsupported(name: str, what: str, skip: bool) -> None:
-  if skip:
-    return None
-  raise common.UnsupportedLayerError(
-      f"layer {name} uses {what}, which the curvature capture does not support. Pass "
-      "skip_unsupported=True to leave such layers uncaptured (their parameters then go to "
-      "the optimizer's fallback transformation).")
 
 
 # ---------------------------------------------------------------------------------------
