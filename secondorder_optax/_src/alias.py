@@ -40,17 +40,21 @@ def build_optimizer(
     An `optax.GradientTransformationExtraArgs` forwarding `curvature=` to the preconditioner.
   """
   # Python zeros/None skip a stage; traced values (inject_hyperparams) always keep it.
+  # The preconditioners keep their own state on non-finite input; the other stateful parts
+  # (momentum, a schedule's count) are guarded here, each on the updates it receives, so no
+  # state is selected twice.
   momentum_tx = optax.identity() if _is_zero(momentum) else optax.trace(decay=momentum)
+  tail = []
+  if not _is_zero(weight_decay):
+    tail.append(optax.add_decayed_weights(weight_decay))
   if precondition_momentum:
-    parts = [momentum_tx, preconditioner]
+    parts = [keep_state_if_nonfinite(momentum_tx), preconditioner]
   else:
     parts = [preconditioner]
-  if not _is_zero(weight_decay):
-    parts.append(optax.add_decayed_weights(weight_decay))
-  if not precondition_momentum:
-    parts.append(momentum_tx)
-  parts.append(optax.scale_by_learning_rate(learning_rate))
-  tx = keep_state_if_nonfinite(optax.chain(*parts))
+    tail.append(momentum_tx)
+  tail.append(optax.scale_by_learning_rate(learning_rate))
+  parts.append(keep_state_if_nonfinite(optax.chain(*tail)))
+  tx = optax.chain(*parts)
   describe_fn = layerwise.description_of(preconditioner)
   if describe_fn is not None:
     layerwise.register_description(tx, describe_fn)
@@ -63,7 +67,7 @@ def _is_zero(value) -> bool:
 
 def keep_state_if_nonfinite(
     tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-  """Leaves the whole state untouched when the gradients or `curvature` are not finite.
+  """Leaves the state of `tx` untouched when its incoming updates are not finite.
 
   The updates are passed through (so a non-finite step stays visible); wrap the optimizer
   in `optax.apply_if_finite` to skip such steps.
@@ -72,7 +76,7 @@ def keep_state_if_nonfinite(
 
   def update_fn(updates, state, params=None, **extra_args):
     new_updates, new_state = tx.update(updates, state, params, **extra_args)
-    finite = all_finite(updates) & all_finite(extra_args.get("curvature"))
+    finite = all_finite(updates)
     return new_updates, select_tree(finite, new_state, state)
 
   return optax.GradientTransformationExtraArgs(tx.init, update_fn)
