@@ -38,6 +38,14 @@ def build_optimizer(
 
   Returns:
     An `optax.GradientTransformationExtraArgs` forwarding `curvature=` to the preconditioner.
+
+  Example:
+    >>> import jax.numpy as jnp, secondorder_optax as soo
+    >>> tx = soo.build_optimizer(soo.scale_by_shampoo(), learning_rate=1e-2, momentum=0.9)
+    >>> params = {"w": jnp.ones((3, 2))}
+    >>> updates, state = tx.update({"w": jnp.full((3, 2), 0.1)}, tx.init(params), params)
+    >>> updates["w"].shape
+    (3, 2)
   """
   # Python zeros/None skip a stage; traced values (inject_hyperparams) always keep it.
   # The preconditioners keep their own state on non-finite input; the other stateful parts

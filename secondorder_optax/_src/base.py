@@ -149,6 +149,19 @@ class Curvature:
   for that backward pass only at refresh steps. Compute the curvature inside the same
   jitted step as the update (the usual pattern): a deferred curvature passed *into* a jitted
   function as an argument carries a fresh VJP each time and causes a recompile.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import secondorder_optax as soo
+    >>> model = nn.Dense(3)
+    >>> x, y = jnp.ones((4, 5)), jnp.array([0, 1, 2, 0])
+    >>> params = model.init(jax.random.key(0), x)["params"]
+    >>> _, _, curvature = soo.linen_curvature(model, soo.losses.softmax_cross_entropy)(
+    ...     params, x, y, jax.random.key(1))
+    >>> curvature.is_deferred, curvature.layer_meta[()].kernel_shape
+    (True, (5, 3))
+    >>> curvature.layers[()].output_grads.shape
+    (4, 3)
   """
 
   def __init__(self, layers=None, fisher_grads=None, fisher: str = "sampled", *,

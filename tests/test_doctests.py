@@ -1,0 +1,28 @@
+"""The `>>>` examples in the public docstrings run and print what they say."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = [
+    "secondorder_optax.losses",
+    "secondorder_optax._src.base",
+    "secondorder_optax._src.alias",
+    "secondorder_optax._src.describe",
+    "secondorder_optax._src.capture.linen",
+    "secondorder_optax._src.capture.nnx",
+    "secondorder_optax._src.kfac",
+    "secondorder_optax._src.tnt",
+    "secondorder_optax._src.shampoo",
+    "secondorder_optax._src.mbf",
+    "secondorder_optax._src.seng",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+  module = importlib.import_module(name)
+  result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert result.attempted > 0, f"{name} has no examples"
+  assert result.failed == 0
