@@ -25,8 +25,7 @@ import optax
 from secondorder_optax._src import alias, layerwise, linalg
 from secondorder_optax._src import tensor_modes as tm
 from secondorder_optax._src.base import (ScalarOrSchedule, all_finite, hyperparameter_value,
-                                         is_due, refresh, running_average, select_tree,
-                                         stats_dtype)
+                                         is_due, refresh, running_average, select_tree)
 
 Array = jax.Array
 _GRAFTS = ("rmsprop", "adam")
@@ -181,12 +180,7 @@ def scale_by_shampoo(
   grafting = _graft_transformation(graft, graft_decay, graft_eps, graft_momentum)
 
   def init_fn(params):
-    statistics, roots = {}, {}
-    layouts = tm.layouts(params, max_factor_dim)
-    for (key, layout), leaf in zip(layouts.items(), jax.tree.leaves(params)):
-      dtype = stats_dtype(jnp.asarray(leaf).dtype)
-      statistics[key] = tm.zero_factors(layout, dtype)
-      roots[key] = tm.identity_factors(layout, dtype)
+    layouts, statistics, roots = tm.initial_factors(params, max_factor_dim)
     return ShampooState(count=jnp.zeros((), jnp.int32), statistics=statistics, roots=roots,
                         graft=grafting.init(dict(zip(layouts, jax.tree.leaves(params)))),
                         failures=jnp.zeros((), jnp.int32))

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from secondorder_optax._src import layerwise, linalg
-from secondorder_optax._src.base import path_to_str
+from secondorder_optax._src.base import path_to_str, stats_dtype
 
 Array = jax.Array
 Factors = Tuple[Array, ...]
@@ -159,6 +159,19 @@ def identity_factors(layout: ModeLayout, dtype: Any) -> Factors:
   """Identity preconditioners in the layout's factor shapes."""
   return tuple(jnp.ones((d,), dtype) if diag else jnp.eye(d, dtype=dtype)
                for d, diag in zip(layout.modes, layout.diagonal))
+
+
+def initial_factors(params: Any, max_factor_dim: Any
+                    ) -> Tuple[Dict[str, ModeLayout], Dict[str, Factors], Dict[str, Factors]]:
+  """Per leaf key: its layout, zero statistics and identity preconditioners (float32 at
+  least), the starting state shared by TNT and Shampoo."""
+  leaf_layouts = layouts(params, max_factor_dim)
+  statistics, identities = {}, {}
+  for (key, layout), leaf in zip(leaf_layouts.items(), jax.tree.leaves(params)):
+    dtype = stats_dtype(jnp.asarray(leaf).dtype)
+    statistics[key] = zero_factors(layout, dtype)
+    identities[key] = identity_factors(layout, dtype)
+  return leaf_layouts, statistics, identities
 
 
 def to_modes(leaf: Array, layout: ModeLayout) -> Array:

@@ -28,7 +28,7 @@ from secondorder_optax._src import alias, layerwise, linalg
 from secondorder_optax._src import tensor_modes as tm
 from secondorder_optax._src.base import (Curvature, ScalarOrSchedule, all_finite,
                                          hyperparameter_value, is_due, refresh,
-                                         running_average, select_tree, stats_dtype)
+                                         running_average, select_tree)
 
 Array = jax.Array
 
@@ -202,12 +202,7 @@ def scale_by_tnt(
   tm.check_periods(stats_every=stats_every, inverse_every=inverse_every)
 
   def init_fn(params):
-    statistics, inverses = {}, {}
-    layouts = tm.layouts(params, max_factor_dim)
-    for (key, layout), leaf in zip(layouts.items(), jax.tree.leaves(params)):
-      dtype = stats_dtype(jnp.asarray(leaf).dtype)
-      statistics[key] = tm.zero_factors(layout, dtype)
-      inverses[key] = tm.identity_factors(layout, dtype)
+    _, statistics, inverses = tm.initial_factors(params, max_factor_dim)
     return TNTState(count=jnp.zeros((), jnp.int32), statistics=statistics, inverses=inverses,
                     failures=jnp.zeros((), jnp.int32))
 
