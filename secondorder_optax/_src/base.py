@@ -259,6 +259,23 @@ def refresh(due: Array, compute: Callable[[], Any], previous: Any) -> Any:
   return lax.cond(due, compute, lambda: previous)
 
 
+def refresh_statistics(due: Array, compute: Callable[[], Any], previous: Any) -> Any:
+  """`refresh` for statistics: a non-finite result (from a non-finite curvature or
+  gradient) is dropped and `previous` kept.
+
+  The finiteness check runs only inside the refresh branch, so steps without a refresh pay
+  nothing for it; together with refresh predicates that are false on non-finite gradients
+  (see `layerwise`), this is how the methods keep their state clean without a whole-state
+  select at every step.
+  """
+
+  def checked():
+    new = compute()
+    return select_tree(all_finite(new), new, previous)
+
+  return lax.cond(due, checked, lambda: previous)
+
+
 def all_finite(tree: Any) -> Array:
   """True when every floating leaf of `tree` is finite (a `Curvature`: its cheap leaves)."""
   if isinstance(tree, Curvature):

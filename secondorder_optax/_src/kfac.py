@@ -51,7 +51,7 @@ import optax
 from secondorder_optax._src import alias, layerwise, linalg, patches
 from secondorder_optax._src.base import (LayerPath, LayerStats, ScalarOrSchedule,
                                          hyperparameter_value, is_due, refresh,
-                                         running_average, stats_dtype)
+                                         refresh_statistics, running_average, stats_dtype)
 
 Array = jax.Array
 # Smallest trace used when normalising factors: keeps an all-zero layer finite.
@@ -209,108 +209,111 @@ def _init_layer(variant: _Variant, info: layerwise.LayerInfo):
                              input_inverse=square_in, output_inverse=square_out)
 
 
-def _update_factors(variant, views, layer_states, decay, first):
-  """Running averages of the factor statistics of every layer."""
+def _update_factors(variant, views, factors, decay, first):
+  """Running averages of the factor statistics `{key: (input, output)}` of every layer."""
   factor_fn = trace_restricted_factors if variant.trace_restricted else kronecker_factors
-  new_states = {}
-  for key, state in layer_states.items():
-    a, g = views[key](state.input_factor.dtype)
-    batch_factors = factor_fn(a, g)
-    input_factor, output_factor = running_average(
-        (state.input_factor, state.output_factor), batch_factors, decay, first)
-    new_states[key] = state._replace(input_factor=input_factor, output_factor=output_factor)
-  return new_states
+  new_factors = {}
+  for key, old in factors.items():
+    a, g = views[key](old[0].dtype)
+    new_factors[key] = running_average(old, factor_fn(a, g), decay, first)
+  return new_factors
 
 
-def _refresh_inverses(variant, layer_states, damping, pi_correction):
-  """Damped inverses of every factor, one batched Cholesky per factor shape."""
-  items, previous = {}, {}
-  for key, state in layer_states.items():
+def _refresh_inverses(variant, factors, previous, damping, pi_correction):
+  """Damped inverses `{key: (input, output)}` of every factor, one batched Cholesky per
+  factor shape; a non-finite inverse keeps its `previous` value and counts a failure."""
+  items, flat_previous = {}, {}
+  for key, (input_factor, output_factor) in factors.items():
     if variant.trace_restricted:
-      input_factor, output_factor = trace_normalized(state.input_factor, state.output_factor)
+      input_factor, output_factor = trace_normalized(input_factor, output_factor)
       input_damping = output_damping = jnp.sqrt(damping)
     else:
-      input_factor, output_factor = state.input_factor, state.output_factor
       input_damping, output_damping = factored_damping(input_factor, output_factor, damping,
                                                        pi_correction)
-    items[(key, "input")] = (input_factor, input_damping.astype(input_factor.dtype))
-    items[(key, "output")] = (output_factor, output_damping.astype(output_factor.dtype))
-    previous[(key, "input")] = state.input_inverse
-    previous[(key, "output")] = state.output_inverse
+    items[(key, 0)] = (input_factor, input_damping.astype(input_factor.dtype))
+    items[(key, 1)] = (output_factor, output_damping.astype(output_factor.dtype))
+    flat_previous[(key, 0)], flat_previous[(key, 1)] = previous[key]
   inverses, failures = linalg.bucketed_keep_finite(
-      lambda item: linalg.damped_inverse(*item), items, previous)
-  new_states = {
-      key: state._replace(input_inverse=inverses[(key, "input")],
-                          output_inverse=inverses[(key, "output")])
-      for key, state in layer_states.items()}
-  return new_states, failures
+      lambda item: linalg.damped_inverse(*item), items, flat_previous)
+  return {key: (inverses[(key, 0)], inverses[(key, 1)]) for key in factors}, failures
 
 
-def _refresh_bases(layer_states):
-  """Eigenvectors of every factor, one batched `eigh` per factor shape."""
-  items, previous = {}, {}
-  for key, state in layer_states.items():
-    items[(key, "input")] = state.input_factor
-    items[(key, "output")] = state.output_factor
-    previous[(key, "input")] = state.input_basis
-    previous[(key, "output")] = state.output_basis
+def _refresh_bases(factors, previous):
+  """Eigenvectors `{key: (input, output)}` of every factor, one batched `eigh` per shape."""
+  items = {(key, side): factor for key, pair in factors.items()
+           for side, factor in enumerate(pair)}
+  flat_previous = {(key, side): basis for key, pair in previous.items()
+                   for side, basis in enumerate(pair)}
   bases, failures = linalg.bucketed_keep_finite(
-      lambda factor: linalg.eigh(factor)[1], items, previous)
-  new_states = {
-      key: state._replace(input_basis=bases[(key, "input")],
-                          output_basis=bases[(key, "output")])
-      for key, state in layer_states.items()}
-  return new_states, failures
+      lambda factor: linalg.eigh(factor)[1], items, flat_previous)
+  return {key: (bases[(key, 0)], bases[(key, 1)]) for key in factors}, failures
 
 
-def _update_scalings(views, layer_states, decay, first):
+def _update_scalings(views, bases, scalings, decay, first):
   """Running averages of the eigenvalue corrections `S`, in the current eigenbases."""
-  new_states = {}
-  for key, state in layer_states.items():
-    a, g = views[key](state.scalings.dtype)
-    batch_scalings = eigen_scalings(a, g, state.input_basis, state.output_basis)
-    new_states[key] = state._replace(
-        scalings=running_average(state.scalings, batch_scalings, decay, first))
-  return new_states
+  new_scalings = {}
+  for key, old in scalings.items():
+    a, g = views[key](old.dtype)
+    batch_scalings = eigen_scalings(a, g, *bases[key])
+    new_scalings[key] = running_average(old, batch_scalings, decay, first)
+  return new_scalings
+
+
+def _pairs(layer_states, input_field: str, output_field: str):
+  """`{key: (state.<input_field>, state.<output_field>)}` over the layers."""
+  return {key: (getattr(s, input_field), getattr(s, output_field))
+          for key, s in layer_states.items()}
 
 
 def _make_update_layers(variant: _Variant, *, damping, stats_decay, stats_every,
                         inverse_every, pi_correction):
   """`update_layers` for `layerwise_transformation`: statistics, refreshes, directions."""
 
-  def update_layers(infos, grad_mats, stats, layer_states, count):
+  def update_layers(infos, grad_mats, stats, layer_states, count, active):
     del infos
     damping_value = hyperparameter_value(damping, count)
     decay = hyperparameter_value(stats_decay, count)
     first = count == 0
-    stats_due = is_due(count, stats_every)
-    inverse_due = is_due(count, inverse_every)
+    stats_due = is_due(count, stats_every) & active
+    inverse_due = is_due(count, inverse_every) & active
     # Built lazily inside the refresh branches, so steps without a refresh skip im2col.
     # Read lazily: a deferred (sampled-Fisher) curvature then runs its extra backward pass
     # only inside the statistics refresh.
     views = {key: (lambda dtype, key=key: layer_view(stats[key], dtype)) for key in stats}
     no_failures = jnp.zeros((), jnp.int32)
-
-    states = refresh(stats_due,
-                     lambda: _update_factors(variant, views, layer_states, decay, first),
-                     layer_states)
+    # Each refresh passes only what it changes through its `lax.cond` (a pass-through
+    # output is a copy at every step without a refresh).
+    factors = refresh_statistics(
+        stats_due,
+        lambda: _update_factors(variant, views, _pairs(layer_states, "input_factor",
+                                                       "output_factor"), decay, first),
+        _pairs(layer_states, "input_factor", "output_factor"))
     if variant.eigen_corrected:
-      states, failures = refresh(inverse_due, lambda: _refresh_bases(states),
-                                 (states, no_failures))
-      states = refresh(stats_due | inverse_due,
-                       lambda: _update_scalings(views, states, decay, first), states)
-      directions = {
-          key: eigen_direction(grad_mats[key], s.input_basis, s.output_basis, s.scalings,
-                               damping_value.astype(s.scalings.dtype))
-          for key, s in states.items()}
-    else:
-      states, failures = refresh(
+      bases, failures = refresh(
           inverse_due,
-          lambda: _refresh_inverses(variant, states, damping_value, pi_correction),
-          (states, no_failures))
+          lambda: _refresh_bases(factors, _pairs(layer_states, "input_basis", "output_basis")),
+          (_pairs(layer_states, "input_basis", "output_basis"), no_failures))
+      old_scalings = {key: s.scalings for key, s in layer_states.items()}
+      scalings = refresh_statistics(
+          stats_due | inverse_due,
+          lambda: _update_scalings(views, bases, old_scalings, decay, first), old_scalings)
+      states = {key: EigenLayerState(*factors[key], *bases[key], scalings[key])
+                for key in layer_states}
       directions = {
-          key: kronecker_direction(grad_mats[key], s.input_inverse, s.output_inverse)
-          for key, s in states.items()}
+          key: eigen_direction(grad_mats[key], *bases[key], scalings[key],
+                               damping_value.astype(scalings[key].dtype))
+          for key in layer_states}
+    else:
+      inverses, failures = refresh(
+          inverse_due,
+          lambda: _refresh_inverses(variant, factors,
+                                    _pairs(layer_states, "input_inverse", "output_inverse"),
+                                    damping_value, pi_correction),
+          (_pairs(layer_states, "input_inverse", "output_inverse"), no_failures))
+      states = {key: KroneckerLayerState(*factors[key], *inverses[key])
+                for key in layer_states}
+      directions = {key: kronecker_direction(grad_mats[key], *inverses[key])
+                    for key in layer_states}
     return directions, states, failures
 
   return update_layers

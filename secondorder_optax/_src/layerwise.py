@@ -9,8 +9,11 @@ SGD to it). `soo.describe` lists which rule preconditions each leaf.
 
 `layerwise_transformation` does everything that is not the method's own math: finding the
 layers at `init`, checking `curvature` against `params` with errors that name the problem,
-moving gradients to and from the matrix view, the fallback, the step counter, and keeping
-the state untouched when gradients or statistics are not finite.
+moving gradients to and from the matrix view, the fallback and the step counter. State
+hygiene is shared by all methods without a whole-state select at every step: `update_layers`
+gets an `active` flag (false when the gradients are not finite) that it ANDs into its
+refresh predicates, and it refreshes statistics with `base.refresh_statistics`, which drops a
+non-finite result (e.g. from a non-finite curvature) inside the refresh branch only.
 """
 
 from __future__ import annotations
@@ -257,9 +260,12 @@ def layerwise_transformation(
   Args:
     method: the method's name, used in errors and `describe`.
     init_layer: `info -> state` of one layer.
-    update_layers: `(infos, grad_matrices, stats, layer_states, count) ->
+    update_layers: `(infos, grad_matrices, stats, layer_states, count, active) ->
       (direction_matrices, new_layer_states, failures)`, every dict keyed by layer key;
       `grad_matrices[k]` is the float32 gradient in the matrix view `(d_in [+1], d_out)`.
+      `active` is False on a step with non-finite gradients: every refresh predicate must
+      include it (so the state is left as it is), and statistics must be refreshed with
+      `base.refresh_statistics` (so a non-finite curvature is never averaged in).
     fallback: transformation for the leaves outside preconditioned layers (default
       `optax.identity()`).
     layers: optional explicit layer paths (default: every kernel/bias node).
@@ -290,18 +296,20 @@ def layerwise_transformation(
     for key, info in infos.items():
       leaves = patches.tree_get(updates, info.path)
       grad_mats[key] = patches.params_to_matrix(leaves, info.has_bias).astype(jnp.float32)
+    active = all_finite(updates)
     directions, new_layers, failures = update_layers(
-        infos, grad_mats, stats, state.layers, state.count)
+        infos, grad_mats, stats, state.layers, state.count, active)
     masked_fallback = optax.masked(fallback, layer_mask(params, infos))
     out, new_fallback = masked_fallback.update(updates, state.fallback, params)
+    new_fallback = select_tree(active, new_fallback, state.fallback)
     for key, info in infos.items():
       like = patches.tree_get(updates, info.path)
       out = _tree_set(out, info.path, patches.matrix_to_params(directions[key], like,
                                                                info.has_bias))
-    new_state = LayerwiseState(count=state.count + 1, layers=new_layers,
-                               fallback=new_fallback, failures=state.failures + failures)
-    finite = all_finite(updates) & all_finite(curvature)
-    return restore_like(original_updates, out), select_tree(finite, new_state, state)
+    new_state = LayerwiseState(count=state.count + active.astype(state.count.dtype),
+                               layers=new_layers, fallback=new_fallback,
+                               failures=state.failures + failures)
+    return restore_like(original_updates, out), new_state
 
   tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

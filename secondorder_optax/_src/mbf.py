@@ -43,7 +43,7 @@ from jax import lax
 from secondorder_optax._src import alias, layerwise, linalg, patches
 from secondorder_optax._src.base import (Curvature, LayerPath, LayerStats, ScalarOrSchedule,
                                          hyperparameter_value, is_due, path_to_str, refresh,
-                                         running_average, stats_dtype)
+                                         refresh_statistics, running_average, stats_dtype)
 from secondorder_optax._src.layerwise import LayerInfo
 
 Array = jax.Array
@@ -416,17 +416,17 @@ def scale_by_mbf(
       out[key] = partition_of(info).statistics(layer, info)
     return out
 
-  def update_layers(infos, grad_mats, stats, layer_states, count):
+  def update_layers(infos, grad_mats, stats, layer_states, count, active):
     old_stats = {k: s.statistics for k, s in layer_states.items()}
     old_inverses = {k: s.inverses for k, s in layer_states.items()}
     decay = hyperparameter_value(stats_decay, count)
-    new_stats = refresh(
-        is_due(count, stats_every),
+    new_stats = refresh_statistics(
+        is_due(count, stats_every) & active,
         lambda: running_average(old_stats, batch_statistics(infos, stats), decay, count == 0),
         old_stats)
     damping_value = hyperparameter_value(damping, count)
     inverses, failures = refresh(
-        is_due(count, inverse_every),
+        is_due(count, inverse_every) & active,
         lambda: _invert_all(new_stats, old_inverses, damping_value),
         (old_inverses, jnp.zeros((), jnp.int32)))
     directions = {}

@@ -464,7 +464,7 @@ def scale_by_seng(
                        f"layer (kernel shape {info.kernel_shape})")
     return _initial_state(plan_of(info))
 
-  def update_layers(infos, grads, stats, states, count):
+  def update_layers(infos, grads, stats, states, count, active):
     missing = sequence_paths - {info.path for info in infos.values()}
     if missing:
       raise ValueError(f"{_METHOD}: sequence_layers names paths that are not preconditioned "
@@ -481,7 +481,7 @@ def scale_by_seng(
     lam = base.hyperparameter_value(damping, count)
     rng = jax.random.fold_in(jax.random.key(seed), count)
     new_states, failures = base.refresh(
-        base.is_due(count, inverse_every),
+        base.is_due(count, inverse_every) & active,
         lambda: _refresh_layers(selected, states, lam, rng),
         (states, jnp.zeros((), jnp.int32)))
     directions = {key: _direction(new_states[key], grads[key]) for key in grads}

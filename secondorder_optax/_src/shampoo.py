@@ -25,7 +25,8 @@ import optax
 from secondorder_optax._src import alias, layerwise, linalg
 from secondorder_optax._src import tensor_modes as tm
 from secondorder_optax._src.base import (ScalarOrSchedule, all_finite, hyperparameter_value,
-                                         is_due, refresh, running_average, select_tree)
+                                         is_due, refresh, refresh_statistics, running_average,
+                                         select_tree)
 
 Array = jax.Array
 _GRAFTS = ("rmsprop", "adam")
@@ -100,6 +101,8 @@ def _shampoo_step(updates: Dict[str, Array], state: ShampooState, settings: _Set
   eager (un-jitted) use is fast too."""
   layouts = dict(layouts)
   count = state.count
+  # A step with non-finite gradients leaves the state as it is (no whole-state select).
+  active = all_finite(updates)
   grads = {key: tm.to_modes(leaf.astype(state.statistics[key][0].dtype), layouts[key])
            for key, leaf in updates.items()}
 
@@ -109,14 +112,15 @@ def _shampoo_step(updates: Dict[str, Array], state: ShampooState, settings: _Set
       return jax.tree.map(jnp.add, state.statistics, batch)
     return running_average(state.statistics, batch, settings.stats_decay, count == 0)
 
-  statistics = refresh(is_due(count, settings.stats_every), new_statistics, state.statistics)
+  statistics = refresh_statistics(is_due(count, settings.stats_every) & active,
+                                  new_statistics, state.statistics)
 
   def new_roots():
     items = {key: tuple((stat, jnp.asarray(2.0 * layout.order, stat.dtype))
                         for stat in statistics[key]) for key, layout in layouts.items()}
     return tm.map_factors(_inverse_root(settings.damping), items, state.roots)
 
-  roots, failures = refresh(is_due(count, settings.inverse_every), new_roots,
+  roots, failures = refresh(is_due(count, settings.inverse_every) & active, new_roots,
                             (state.roots, jnp.zeros((), jnp.int32)))
   directions = {key: tm.apply_factors(grads[key], roots[key]) for key in layouts}
   grafting = _graft_transformation(graft, settings.graft_decay, settings.graft_eps,
@@ -127,9 +131,10 @@ def _shampoo_step(updates: Dict[str, Array], state: ShampooState, settings: _Set
                   for key in layouts}
   out = {key: tm.from_modes(directions[key], layout).astype(updates[key].dtype)
          for key, layout in layouts.items()}
-  new_state = ShampooState(count=count + 1, statistics=statistics, roots=roots,
-                           graft=graft_state, failures=state.failures + failures)
-  return out, select_tree(all_finite(updates), new_state, state)
+  new_state = ShampooState(count=count + active.astype(count.dtype), statistics=statistics,
+                           roots=roots, graft=select_tree(active, graft_state, state.graft),
+                           failures=state.failures + failures)
+  return out, new_state
 
 
 def scale_by_shampoo(

@@ -28,7 +28,7 @@ from secondorder_optax._src import alias, layerwise, linalg
 from secondorder_optax._src import tensor_modes as tm
 from secondorder_optax._src.base import (Curvature, ScalarOrSchedule, all_finite,
                                          hyperparameter_value, is_due, refresh,
-                                         running_average, select_tree)
+                                         refresh_statistics, running_average)
 
 Array = jax.Array
 
@@ -133,6 +133,9 @@ def _tnt_step(updates: Dict[str, Array], sources: Any, state: TNTState,
   (un-jitted) use is fast too."""
   layouts = dict(layouts)
   count = state.count
+  # A step with non-finite gradients leaves the state as it is; statistics from a
+  # non-finite curvature are dropped inside the refresh (no whole-state select).
+  active = all_finite(updates)
 
   def new_statistics():
     batch = {}
@@ -142,24 +145,24 @@ def _tnt_step(updates: Dict[str, Array], sources: Any, state: TNTState,
                                       layouts[key])
     return running_average(state.statistics, batch, settings.stats_decay, count == 0)
 
-  statistics = refresh(is_due(count, settings.stats_every), new_statistics, state.statistics)
+  statistics = refresh_statistics(is_due(count, settings.stats_every) & active,
+                                  new_statistics, state.statistics)
 
   def new_inverses():
     factors = {key: normalized_factors(statistics[key], layout)
                for key, layout in layouts.items()}
     return tm.map_factors(_damped_inverse(settings.damping), factors, state.inverses)
 
-  inverses, failures = refresh(is_due(count, settings.inverse_every), new_inverses,
+  inverses, failures = refresh(is_due(count, settings.inverse_every) & active, new_inverses,
                                (state.inverses, jnp.zeros((), jnp.int32)))
   directions = {}
   for key, update in updates.items():
     tensor = tm.to_modes(update.astype(state.inverses[key][0].dtype), layouts[key])
     directions[key] = tm.from_modes(tm.apply_factors(tensor, inverses[key]),
                                     layouts[key]).astype(update.dtype)
-  new_state = TNTState(count=count + 1, statistics=statistics, inverses=inverses,
-                       failures=state.failures + failures)
-  finite = all_finite(updates) & all_finite(sources)
-  return directions, select_tree(finite, new_state, state)
+  new_state = TNTState(count=count + active.astype(count.dtype), statistics=statistics,
+                       inverses=inverses, failures=state.failures + failures)
+  return directions, new_state
 
 
 def scale_by_tnt(
