@@ -58,3 +58,19 @@ def test_schedules():
   out = jax.jit(lambda due: base.refresh(due, lambda: jnp.ones(()), jnp.zeros(())))(False)
   assert float(out) == 0.0
   assert float(base.hyperparameter_value(lambda c: c * 2.0, jnp.asarray(3))) == 6.0
+
+
+def test_symmetric_gram_matches_dense_contraction():
+  """Blocked (wide) and plain (narrow) Grams equal the full contraction, exactly symmetric."""
+  rows = np.asarray(jax.random.normal(jax.random.key(2), (6, 700)), np.float64)
+  gram = np.asarray(linalg.symmetric_gram(jnp.asarray(rows, jnp.float32)))
+  assert linalg._gram_block_bounds(700) != (0, 700)  # the blocked path runs
+  np.testing.assert_allclose(gram, rows.T @ rows, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(gram, gram.T)
+  tensor = np.asarray(jax.random.normal(jax.random.key(3), (3, 330, 2)), np.float64)
+  for axis, size in ((1, 330), (0, 3), (-1, 2)):
+    others = tuple(i for i in range(3) if i != axis % 3)
+    expected = np.tensordot(tensor, tensor, axes=(others, others))
+    got = linalg.symmetric_gram(jnp.asarray(tensor, jnp.float32), axis=axis)
+    assert got.shape == (size, size)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

@@ -121,8 +121,7 @@ def layer_view(stats: LayerStats, dtype: Any) -> Tuple[Array, Array]:
 
 def _gram(x: Array, scale: float) -> Array:
   """`scale · Σ_{n,t} x x ᵀ` for `x: (B, T, d)`."""
-  rows = x.reshape((-1, x.shape[-1]))
-  return jnp.matmul(rows.T, rows) * scale
+  return linalg.symmetric_gram(x.reshape((-1, x.shape[-1]))) * scale
 
 
 def kronecker_factors(a: Array, g: Array) -> Tuple[Array, Array]:

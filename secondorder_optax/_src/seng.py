@@ -287,8 +287,7 @@ def _explicit_factors(stats: LayerStats, plan: SengPlan, rng: Array) -> Explicit
 
 
 def _explicit_gram(factors: ExplicitFactors) -> Array:
-  cols = _sketched(factors.rows, factors.kept_columns)
-  return jnp.matmul(cols, cols.T, precision=_HIGHEST)
+  return linalg.symmetric_gram(_sketched(factors.rows, factors.kept_columns), axis=0)
 
 
 def _top_singular_parts(inputs: Array, output_grads: Array, rank: int) -> Tuple[Array, Array]:
@@ -326,8 +325,7 @@ def _outer_product_gram(factors: OuterProductFactors) -> Array:
   k, p, _ = factors.inputs.shape
   x = _sketched(factors.inputs.reshape(k * p, -1), factors.kept_inputs)
   g = _sketched(factors.output_grads.reshape(k * p, -1), factors.kept_outputs)
-  products = (jnp.matmul(x, x.T, precision=_HIGHEST)
-              * jnp.matmul(g, g.T, precision=_HIGHEST))
+  products = linalg.symmetric_gram(x, axis=0) * linalg.symmetric_gram(g, axis=0)
   return products.reshape(k, p, k, p).sum(axis=(1, 3))
 
 

@@ -190,7 +190,7 @@ def mode_statistics(tensor: Array, layout: ModeLayout) -> Factors:
     if diag:
       stats.append(jnp.sum(jnp.square(tensor), axis=others))
     else:
-      stats.append(jnp.tensordot(tensor, tensor, axes=(others, others), precision=_HIGHEST))
+      stats.append(linalg.symmetric_gram(tensor, axis=i))
   return tuple(stats)
 
 
