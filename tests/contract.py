@@ -1,7 +1,7 @@
 """optax contract checks shared by every method's tests (DESIGN §7).
 
 `check_optax_contract(soo.kfac, learning_rate=..., damping=...)` runs, on the tiny MLP:
-jit with no recompilation over 30 steps, stable state structure/shapes/dtypes,
+jit (donating params and state) with no recompilation over 30 steps, stable state structure/shapes/dtypes,
 convergence, `optax.chain`, `inject_hyperparams` (learning rate and damping changed
 between steps without recompiling), `MultiSteps`, `apply_if_finite` with a non-finite
 gradient, and bf16 parameters. Each check asserts; a failing method fails its test.
@@ -33,21 +33,20 @@ def _structure(tree):
   return jax.tree.map(lambda a: (jnp.shape(a), jnp.asarray(a).dtype), tree)
 
 
-def _make_step(tx, curv_fn, pass_curvature):
-  @jax.jit
+def _make_step(tx, curv_fn, pass_curvature, donate=False):
   def step(params, state, x, y, rng):
     loss, grads, curvature = curv_fn(params, x, y, rng)
     extra = {"curvature": curvature} if pass_curvature else {}
     updates, state = tx.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state, loss
-  return step
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
 def check_jit_convergence(factory, *, steps=30, pass_curvature=True, **hparams):
   params, x, y, curv_fn = _problem()
   tx = factory(**hparams)
-  state = tx.init(params)
-  step = _make_step(tx, curv_fn, pass_curvature)
+  state = tx.init(params)  # Eager init, then a step that donates params and state (the
+  step = _make_step(tx, curv_fn, pass_curvature, donate=True)  # usual training loop).
   first_structure = _structure(state)
   losses = []
   for i in range(steps):

@@ -198,14 +198,16 @@ def eigen_direction(grad: Array, input_basis: Array, output_basis: Array, scalin
 def _init_layer(variant: _Variant, info: layerwise.LayerInfo):
   d_in, d_out = info.matrix_shape
   dtype = stats_dtype(info.dtype)
-  square_in = jnp.zeros((d_in, d_in), dtype)
-  square_out = jnp.zeros((d_out, d_out), dtype)
+  # A fresh array per field: a jitted step that donates the state must never receive
+  # one buffer twice.
+  square_in = lambda: jnp.zeros((d_in, d_in), dtype)
+  square_out = lambda: jnp.zeros((d_out, d_out), dtype)
   if variant.eigen_corrected:
-    return EigenLayerState(input_factor=square_in, output_factor=square_out,
-                           input_basis=square_in, output_basis=square_out,
+    return EigenLayerState(input_factor=square_in(), output_factor=square_out(),
+                           input_basis=square_in(), output_basis=square_out(),
                            scalings=jnp.zeros((d_in, d_out), dtype))
-  return KroneckerLayerState(input_factor=square_in, output_factor=square_out,
-                             input_inverse=square_in, output_inverse=square_out)
+  return KroneckerLayerState(input_factor=square_in(), output_factor=square_out(),
+                             input_inverse=square_in(), output_inverse=square_out())
 
 
 def _update_factors(variant, views, factors, decay, first):
