@@ -123,9 +123,16 @@ def after(value: Any, dependency: Any) -> Any:
     return value
   # A real (if trivial) read of `dependency`: XLA:CPU schedules by buffer use, so an
   # optimization barrier alone does not order the calls. `x * 0.0` is not folded for floats.
-  probe = sum(jnp.nan_to_num(jnp.ravel(x)[0].astype(jnp.float32))
+  # Each leaf is read through its own reduction over two elements (a one-element or a
+  # concatenated reduction is simplified into plain elementwise ops): XLA:CPU does not fuse
+  # a reduction into its consumers. Without that boundary, where `dependency` depends
+  # elementwise on an earlier `after` (as in `bucketed_keep_finite`, through the kept
+  # previous results), the probes of all earlier groups fuse into one loop kernel whose
+  # scalar expression DAG grows with the number of groups, and LLVM's loop vectorizer
+  # takes time exponential in its depth (minutes of compile for an 8-layer MLP's EKFAC).
+  probe = sum(jnp.min(jnp.nan_to_num(jnp.ravel(x)[:2].astype(jnp.float32)))
               for x in jax.tree.leaves(dependency))
-  zero = probe * 0.0
+  zero = jnp.where(jnp.isfinite(probe), probe, 0.0) * 0.0
   return jax.tree.map(
       lambda v: v + zero.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.inexact) else v, value)
 
