@@ -15,6 +15,10 @@ classifiers), `summary.md`; prints the summary table: final and best training lo
 per step and its ratio to Adam's, epochs and seconds to reach Adam's final training loss.
 With `--lr-grid 0.3,1,3` every method (Adam included) is also run at those multiples of its
 preset learning rate and the run with the lowest final training loss is the one summarised.
+`--damping-grid 1,10,100` does the same for each method's damping (`Method.damping_key`:
+`damping` of the second-order methods, Adam's `eps`; SGD has none and runs once per learning
+rate); with both grids every (learning rate, damping) pair is run. This is how the presets
+were chosen (`experiments/methods.py`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       + ",".join(methods_lib.ALL_NAMES))
   p.add_argument("--lr-grid", default="1",
                  help="comma-separated multipliers of each preset learning rate, e.g. 0.3,1,3")
+  p.add_argument("--damping-grid", default="1",
+                 help="comma-separated multipliers of each preset damping (Adam: eps; "
+                      "SGD: none), e.g. 1,10,100")
   p.add_argument("--hidden", default=None,
                  help="autoencoder encoder sizes, e.g. 256,128,64,16")
   p.add_argument("--train-subset", type=int, default=None,
@@ -97,6 +104,7 @@ def summarize(best: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
     rows.append({
         "method": name,
         "learning_rate": run["learning_rate"],
+        "damping": run.get("damping"),
         "final_train_loss": run["train_loss"][-1],
         "best_train_loss": min(finite) if finite else math.nan,
         "final_test_loss": run["test_loss"][-1],
@@ -114,20 +122,21 @@ def summarize(best: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 def format_table(rows: List[Dict[str, Any]], classifier: bool) -> str:
   """A Markdown table of the summary rows."""
-  head = ["method", "lr", "final loss", "best loss", "s/step", "x Adam",
+  head = ["method", "lr", "damping", "final loss", "best loss", "s/step", "x Adam",
           "epochs to Adam final", "s to Adam final"]
   if classifier:
-    head.insert(4, "test acc")
+    head.insert(5, "test acc")
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   fmt = lambda v, f: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f % v
   for r in rows:
     cells = [r["method"] + (" (diverged)" if r["diverged"] else ""),
-             fmt(r["learning_rate"], "%g"), fmt(r["final_train_loss"], "%.4f"),
+             fmt(r["learning_rate"], "%g"), fmt(r.get("damping"), "%g"),
+             fmt(r["final_train_loss"], "%.4f"),
              fmt(r["best_train_loss"], "%.4f"), fmt(r["seconds_per_step"], "%.4f"),
              fmt(r["step_time_vs_adam"], "%.2f"), fmt(r["epochs_to_adam_final"], "%d"),
              fmt(r["seconds_to_adam_final"], "%.2f")]
     if classifier:
-      cells.insert(4, fmt(r["final_test_accuracy"], "%.3f"))
+      cells.insert(5, fmt(r["final_test_accuracy"], "%.3f"))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -135,12 +144,13 @@ def format_table(rows: List[Dict[str, Any]], classifier: bool) -> str:
 def write_csv(path: str, runs: List[Dict[str, Any]]) -> None:
   with open(path, "w", newline="") as f:
     writer = csv.writer(f)
-    writer.writerow(["method", "learning_rate", "epoch", "seconds", "train_loss", "test_loss",
-                     "test_accuracy"])
+    writer.writerow(["method", "learning_rate", "damping", "epoch", "seconds", "train_loss",
+                     "test_loss", "test_accuracy"])
     for run in runs:
       for i, epoch in enumerate(run["epoch"]):
-        writer.writerow([run["method"], run["learning_rate"], epoch, run["seconds"][i],
-                         run["train_loss"][i], run["test_loss"][i], run["test_accuracy"][i]])
+        writer.writerow([run["method"], run["learning_rate"], run.get("damping"), epoch,
+                         run["seconds"][i], run["train_loss"][i], run["test_loss"][i],
+                         run["test_accuracy"][i]])
 
 
 def plot(output_dir: str, best: Dict[str, Dict[str, Any]], title: str,
@@ -187,6 +197,7 @@ def run_comparison(args: argparse.Namespace) -> Dict[str, Any]:
   batch_size = args.batch_size or DEFAULT_BATCH.get(args.dataset, 1000)
   task = training.make_task(args.task, dataset, hidden=_csv_numbers(args.hidden, int))
   grid = _csv_numbers(args.lr_grid) or [1.0]
+  damping_grid = _csv_numbers(args.damping_grid) or [1.0]
   selected = select_methods(args.methods)
   output_dir = args.output_dir or os.path.join("results", f"compare_{args.task}_{args.dataset}")
   os.makedirs(output_dir, exist_ok=True)
@@ -195,11 +206,16 @@ def run_comparison(args: argparse.Namespace) -> Dict[str, Any]:
   for method in selected:
     method_runs = []
     for multiplier in grid:
-      run = training.train(task, dataset, method, epochs=epochs, batch_size=batch_size,
-                           learning_rate=method.learning_rate * multiplier, seed=args.seed,
-                           progress=not args.no_progress)
-      run["lr_multiplier"] = multiplier
-      method_runs.append(run)
+      for damping_multiplier in (damping_grid if method.damping_key else [1.0]):
+        overrides = ({} if method.damping_key is None else
+                     {method.damping_key: method.damping * damping_multiplier})
+        run = training.train(task, dataset, method, epochs=epochs, batch_size=batch_size,
+                             learning_rate=method.learning_rate * multiplier, seed=args.seed,
+                             progress=not args.no_progress, overrides=overrides)
+        run["lr_multiplier"] = multiplier
+        run["damping_multiplier"] = damping_multiplier
+        run["damping"] = overrides.get(method.damping_key) if method.damping_key else None
+        method_runs.append(run)
     runs.extend(method_runs)
     best[method.name] = best_run(method_runs)
 
@@ -207,7 +223,8 @@ def run_comparison(args: argparse.Namespace) -> Dict[str, Any]:
   table = format_table(rows, task.is_classifier)
   config = {"task": args.task, "dataset": dataset.name, "epochs": epochs,
             "batch_size": batch_size, "train_examples": int(len(dataset.x_train)),
-            "lr_grid": grid, "seed": args.seed, "methods": [m.name for m in selected],
+            "lr_grid": grid, "damping_grid": damping_grid, "seed": args.seed,
+            "methods": [m.name for m in selected],
             "machine": _machine()}
   results = {"config": config, "summary": rows, "runs": runs}
   with open(os.path.join(output_dir, "results.json"), "w") as f:
@@ -227,7 +244,8 @@ def run_comparison(args: argparse.Namespace) -> Dict[str, Any]:
 def _heading(config: Dict[str, Any]) -> str:
   return (f"{config['task']} on {config['dataset']} ({config['train_examples']} examples), "
           f"{config['epochs']} epochs, batch {config['batch_size']}, lr grid "
-          f"{config['lr_grid']}, seed {config['seed']}; {config['machine']['summary']}")
+          f"{config['lr_grid']}, damping grid {config.get('damping_grid', [1.0])}, seed "
+          f"{config['seed']}; {config['machine']['summary']}")
 
 
 def _machine() -> Dict[str, Any]:

@@ -162,3 +162,34 @@ def test_tiny_compare_run(tmp_path):
     rows = list(csv.DictReader(f))
   assert len(rows) == 6 and {r["method"] for r in rows} == {"adam", second}
   assert results["config"]["train_examples"] == 300
+
+
+def test_damping_grid_scales_each_methods_damping(tmp_path):
+  out = str(tmp_path / "grid")
+  results = compare.main([
+      "--methods", "adam,sgd", "--epochs", "1", "--batch-size", "100", "--train-subset",
+      "200", "--hidden", "8,4", "--lr-grid", "1,3", "--damping-grid", "1,100",
+      "--output-dir", out, "--no-progress", "--no-plots"])
+  runs = results["runs"]
+  # Adam: every (lr, eps) pair; SGD has no damping, so once per learning rate.
+  lr, eps = methods.get_method("adam").learning_rate, methods.get_method("adam").damping
+  adam = [r for r in runs if r["method"] == "adam"]
+  assert [r["learning_rate"] for r in adam] == pytest.approx([lr, lr, 3 * lr, 3 * lr])
+  assert [r["hparams"]["eps"] for r in adam] == pytest.approx([eps, 100 * eps] * 2)
+  assert [r["damping"] for r in adam] == pytest.approx([eps, 100 * eps] * 2)
+  sgd = [r for r in runs if r["method"] == "sgd"]
+  sgd_lr = methods.get_method("sgd").learning_rate
+  assert [r["learning_rate"] for r in sgd] == pytest.approx([sgd_lr, 3 * sgd_lr])
+  assert all(r["damping"] is None for r in sgd)
+  assert results["config"]["damping_grid"] == [1.0, 100.0]
+  summary = {r["method"]: r for r in results["summary"]}
+  best_adam = compare.best_run([r for r in runs if r["method"] == "adam"])
+  assert summary["adam"]["damping"] == best_adam["damping"]
+  assert "| damping |" in open(os.path.join(out, "summary.md")).read()
+
+
+def test_every_second_order_method_has_a_damping_to_scale():
+  for method in methods.available_methods():
+    if method.damping_key is not None:
+      assert method.damping > 0, method.name
+  assert methods.get_method("sgd").damping_key is None
