@@ -235,10 +235,11 @@ def scale_by_dummy(*, damping=1.0):
   def init_layer(info):
     return {"acc": jnp.zeros(info.matrix_shape, jnp.float32)}
 
-  def update_layers(infos, grad_mats, stats, states, count):
+  def update_layers(infos, grad_mats, stats, states, count, active):
     del infos, stats, count
     return ({k: g / (1.0 + damping) for k, g in grad_mats.items()},
-            {k: {"acc": states[k]["acc"] + grad_mats[k]} for k in grad_mats},
+            {k: {"acc": jnp.where(active, states[k]["acc"] + grad_mats[k], states[k]["acc"])}
+             for k in grad_mats},
             jnp.zeros((), jnp.int32))
   return layerwise.layerwise_transformation("dummy", init_layer=init_layer,
                                             update_layers=update_layers)
