@@ -37,7 +37,6 @@ import numpy as np
 from experiments import methods as methods_lib
 from experiments import models
 from experiments import training
-from experiments.data import Dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULT_PREFIX = "STEP_TIME_RESULT "

@@ -8,7 +8,6 @@ plan defines) solved densely in float64, with `U` rows `vec(D_n)/√k` from
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import secondorder_optax as soo

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp

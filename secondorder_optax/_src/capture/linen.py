@@ -16,7 +16,7 @@ loss and with that of the Fisher targets (see `capture/common.py`).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import flax.linen as nn
 import jax
