@@ -202,7 +202,8 @@ class Curvature:
     return Curvature(layers, fisher_grads, self.fisher, layer_meta=self.layer_meta)
 
   def finite_check_leaves(self) -> Any:
-    """What a non-finite guard should inspect (cheap for deferred curvature)."""
+    """Arrays that can be inspected (e.g. for tracers or non-finite values) without running
+    a deferred backward pass."""
     if self._deferred is None:
       return (self._layers, self._fisher_grads)
     return (self._deferred.cotangent, self._deferred.inputs)
@@ -277,9 +278,7 @@ def refresh_statistics(due: Array, compute: Callable[[], Any], previous: Any) ->
 
 
 def all_finite(tree: Any) -> Array:
-  """True when every floating leaf of `tree` is finite (a `Curvature`: its cheap leaves)."""
-  if isinstance(tree, Curvature):
-    tree = tree.finite_check_leaves()
+  """True when every floating leaf of `tree` is finite."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
   if not leaves:

@@ -220,10 +220,19 @@ def _update_factors(variant, views, factors, decay, first):
   return new_factors
 
 
+def _map_factor_pairs(fn, items, previous):
+  """`fn` on both sides of every layer's `{key: (input, output)}` pair, one batched call per
+  shape (`linalg.bucketed_keep_finite`); a non-finite result keeps its `previous` value."""
+  flat = lambda pairs: {(key, side): x for key, pair in pairs.items()
+                        for side, x in enumerate(pair)}
+  results, failures = linalg.bucketed_keep_finite(fn, flat(items), flat(previous))
+  return {key: (results[(key, 0)], results[(key, 1)]) for key in items}, failures
+
+
 def _refresh_inverses(variant, factors, previous, damping, pi_correction):
   """Damped inverses `{key: (input, output)}` of every factor, one batched Cholesky per
   factor shape; a non-finite inverse keeps its `previous` value and counts a failure."""
-  items, flat_previous = {}, {}
+  items = {}
   for key, (input_factor, output_factor) in factors.items():
     if variant.trace_restricted:
       input_factor, output_factor = trace_normalized(input_factor, output_factor)
@@ -231,23 +240,14 @@ def _refresh_inverses(variant, factors, previous, damping, pi_correction):
     else:
       input_damping, output_damping = factored_damping(input_factor, output_factor, damping,
                                                        pi_correction)
-    items[(key, 0)] = (input_factor, input_damping.astype(input_factor.dtype))
-    items[(key, 1)] = (output_factor, output_damping.astype(output_factor.dtype))
-    flat_previous[(key, 0)], flat_previous[(key, 1)] = previous[key]
-  inverses, failures = linalg.bucketed_keep_finite(
-      lambda item: linalg.damped_inverse(*item), items, flat_previous)
-  return {key: (inverses[(key, 0)], inverses[(key, 1)]) for key in factors}, failures
+    items[key] = ((input_factor, input_damping.astype(input_factor.dtype)),
+                  (output_factor, output_damping.astype(output_factor.dtype)))
+  return _map_factor_pairs(lambda item: linalg.damped_inverse(*item), items, previous)
 
 
 def _refresh_bases(factors, previous):
   """Eigenvectors `{key: (input, output)}` of every factor, one batched `eigh` per shape."""
-  items = {(key, side): factor for key, pair in factors.items()
-           for side, factor in enumerate(pair)}
-  flat_previous = {(key, side): basis for key, pair in previous.items()
-                   for side, basis in enumerate(pair)}
-  bases, failures = linalg.bucketed_keep_finite(
-      lambda factor: linalg.eigh(factor)[1], items, flat_previous)
-  return {key: (bases[(key, 0)], bases[(key, 1)]) for key in factors}, failures
+  return _map_factor_pairs(lambda factor: linalg.eigh(factor)[1], factors, previous)
 
 
 def _update_scalings(views, bases, scalings, decay, first):
@@ -284,16 +284,14 @@ def _make_update_layers(variant: _Variant, *, damping, stats_decay, stats_every,
     no_failures = jnp.zeros((), jnp.int32)
     # Each refresh passes only what it changes through its `lax.cond` (a pass-through
     # output is a copy at every step without a refresh).
+    old_factors = _pairs(layer_states, "input_factor", "output_factor")
     factors = refresh_statistics(
-        stats_due,
-        lambda: _update_factors(variant, views, _pairs(layer_states, "input_factor",
-                                                       "output_factor"), decay, first),
-        _pairs(layer_states, "input_factor", "output_factor"))
+        stats_due, lambda: _update_factors(variant, views, old_factors, decay, first),
+        old_factors)
     if variant.eigen_corrected:
-      bases, failures = refresh(
-          inverse_due,
-          lambda: _refresh_bases(factors, _pairs(layer_states, "input_basis", "output_basis")),
-          (_pairs(layer_states, "input_basis", "output_basis"), no_failures))
+      old_bases = _pairs(layer_states, "input_basis", "output_basis")
+      bases, failures = refresh(inverse_due, lambda: _refresh_bases(factors, old_bases),
+                                (old_bases, no_failures))
       old_scalings = {key: s.scalings for key, s in layer_states.items()}
       scalings = refresh_statistics(
           stats_due | inverse_due,
@@ -305,12 +303,12 @@ def _make_update_layers(variant: _Variant, *, damping, stats_decay, stats_every,
                                damping_value.astype(scalings[key].dtype))
           for key in layer_states}
     else:
+      old_inverses = _pairs(layer_states, "input_inverse", "output_inverse")
       inverses, failures = refresh(
           inverse_due,
-          lambda: _refresh_inverses(variant, factors,
-                                    _pairs(layer_states, "input_inverse", "output_inverse"),
-                                    damping_value, pi_correction),
-          (_pairs(layer_states, "input_inverse", "output_inverse"), no_failures))
+          lambda: _refresh_inverses(variant, factors, old_inverses, damping_value,
+                                    pi_correction),
+          (old_inverses, no_failures))
       states = {key: KroneckerLayerState(*factors[key], *inverses[key])
                 for key in layer_states}
       directions = {key: kronecker_direction(grad_mats[key], *inverses[key])
