@@ -114,7 +114,7 @@ class Method:
     row per example) unless they subsample.
     """
     hparams = {**self.hparams, **overrides}
-    if (batch_size is not None and _accepts(self.factory, "batch_size")
+    if (batch_size is not None and accepts(self.factory, "batch_size")
         and hparams.get("subsample") is None):
       hparams.setdefault("batch_size", batch_size)
     _check_keywords(self.name, self.factory, hparams)
@@ -122,7 +122,8 @@ class Method:
     return self.factory(lr, **hparams)
 
 
-def _accepts(factory: Callable, keyword: str) -> bool:
+def accepts(factory: Callable, keyword: str) -> bool:
+  """Whether `factory` takes the keyword argument `keyword`."""
   try:
     return keyword in inspect.signature(factory).parameters
   except (TypeError, ValueError):

@@ -15,6 +15,10 @@ Refresh settings: `stats_every=10, inverse_every=100` and `stats_every=1, invers
 (KFAC family, TNT, Shampoo, MBF); SENG: `inverse_every=100` on the full batch and with
 `subsample=256`.
 
+`--preconditioner-dtype bfloat16` adds a row for every method x setting whose optimizer has
+`preconditioner_dtype`: the refreshed preconditioner (inverses, eigenbases, roots) stored
+and applied in bfloat16, with float32 sums.
+
 `--kfac-jax-python PATH` also runs `experiments/kfac_jax_step_time.py` with another Python
 that has kfac-jax (0.0.8 needs jax 0.9.1 and flax 0.12.6, so keep it in its own virtual
 environment); that script times kfac-jax's KFAC against its own Adam in the same way.
@@ -58,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="autoencoder encoder sizes (default the paper's 1000,500,250,30)")
   p.add_argument("--input-dim", type=int, default=784)
   p.add_argument("--output", default=os.path.join("results", "step_time.json"))
+  p.add_argument("--preconditioner-dtype", default=None, choices=("float32", "bfloat16"),
+                 help="also time each method that has `preconditioner_dtype` with its "
+                      "refreshed preconditioner in this dtype (an extra row per setting)")
   p.add_argument("--kfac-jax-python", default=None,
                  help="python of an environment with kfac-jax, to time its KFAC too")
   p.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
@@ -119,10 +126,14 @@ def worker(args) -> Dict[str, Any]:
   if args.setting and args.setting not in method.refresh_settings:
     raise ValueError(f"{args.method} has no refresh setting {args.setting!r}; it has "
                      f"{sorted(method.refresh_settings)}")
+  setting = args.setting
+  if args.preconditioner_dtype:
+    overrides["preconditioner_dtype"] = args.preconditioner_dtype
+    setting = f"{setting}, {args.preconditioner_dtype} preconditioner"
   kw = dict(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)
   adam = measure(task, methods_lib.get_method("adam"), {}, **kw)
   result = measure(task, method, overrides, **kw)
-  result.update(setting=args.setting, adam=adam,
+  result.update(setting=setting, adam=adam,
                 ratio_median=result["median_step_seconds"] / adam["median_step_seconds"],
                 ratio_amortized=result["mean_step_seconds"] / adam["mean_step_seconds"])
   return result
@@ -191,6 +202,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         continue
       print(f"timing {name} {setting} ...", flush=True)
       results.append(_run_subprocess(_worker_cmd(args, name, setting), args.timeout))
+      if args.preconditioner_dtype and methods_lib.accepts(method.factory,
+                                                           "preconditioner_dtype"):
+        print(f"timing {name} {setting}, {args.preconditioner_dtype} preconditioner ...",
+              flush=True)
+        cmd = _worker_cmd(args, name, setting)
+        cmd += ["--preconditioner-dtype", args.preconditioner_dtype]
+        results.append(_run_subprocess(cmd, args.timeout))
   if args.kfac_jax_python:
     for setting_name, setting in methods_lib.KRONECKER_REFRESH.items():
       if wanted and setting_name not in wanted:

@@ -130,7 +130,9 @@ def check_multisteps_and_nonfinite(factory, **hparams):
     if np.issubdtype(a.dtype, np.floating):
       assert np.all(np.isfinite(a)), "a NaN gradient leaked into the optimizer state"
   # Non-finite curvature statistics are rejected the same way.
-  bad_curv = jax.tree.map(lambda s: s * jnp.nan, curvature)
+  # (Floating leaves only: a deferred sampled-Fisher curvature also carries its PRNG key.)
+  bad_curv = jax.tree.map(
+      lambda s: s * jnp.nan if jnp.issubdtype(s.dtype, jnp.floating) else s, curvature)
   _, raw_new = raw.update(grads, raw_state, params, curvature=bad_curv)
   for a in jax.tree.leaves(raw_new):
     a = np.asarray(a)

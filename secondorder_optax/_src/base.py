@@ -98,36 +98,48 @@ class LayerMeta:
 
 @jax.tree_util.register_pytree_node_class
 class FisherPullback:
-  """A deferred pullback of the Fisher-target cotangent (see `Curvature`).
+  """A deferred pullback at sampled Fisher targets (see `Curvature`).
 
-  Holds the forward pass's VJP, the Fisher cotangent and the recorded layer inputs; calling
-  `materialize()` runs the extra backward pass and assembles the per-layer statistics.
-  `extract` (a module-level function, static) maps the perturbations' cotangent to
-  `{path: [output grads per call]}`; `assemble` builds the `LayerStats`.
+  Holds the forward pass's VJP, the model outputs, the sampling key and the recorded layer
+  inputs; calling `materialize()` samples the targets, pulls their cotangent back (the
+  extra backward pass) and assembles the per-layer statistics, so that none of it runs on
+  steps that never read the curvature. `extract` (a module-level function, static) maps
+  the perturbations' cotangent to `{path: [output grads per call]}`; `assemble` builds
+  the `LayerStats`.
   """
 
-  def __init__(self, vjp_fn, cotangent, inputs, batch_size, extract, assemble, static):
+  def __init__(self, vjp_fn, rng, outputs, inputs, loss_family, extract, assemble, static):
     self.vjp_fn = vjp_fn
-    self.cotangent = cotangent
+    self.rng = rng
+    self.outputs = outputs
     self.inputs = inputs
-    self.batch_size = batch_size
+    self.loss_family = loss_family
     self.extract = extract
     self.assemble = assemble
     self.static = static
 
+  def cotangent(self) -> Array:
+    """d(summed loss at targets sampled from the model)/d(outputs)."""
+    outputs = jax.lax.stop_gradient(self.outputs)
+    targets = self.loss_family.sample(self.rng, outputs)
+    per_example_loss = self.loss_family.per_example_loss
+    cotangent = jax.grad(lambda o: per_example_loss(o, targets).sum())(outputs)
+    return cotangent.astype(outputs.dtype)
+
   def materialize(self):
-    param_ct, perturb_ct = self.vjp_fn(self.cotangent)
-    fisher_grads = jax.tree.map(lambda g: g / self.batch_size, param_ct)
+    param_ct, perturb_ct = self.vjp_fn(self.cotangent())
+    batch_size = self.outputs.shape[0]
+    fisher_grads = jax.tree.map(lambda g: g / batch_size, param_ct)
     layers = self.assemble(self.static, self.inputs, self.extract(perturb_ct, self.static))
     return layers, fisher_grads
 
   def tree_flatten(self):
-    return ((self.vjp_fn, self.cotangent, self.inputs),
-            (self.batch_size, self.extract, self.assemble, self.static))
+    return ((self.vjp_fn, self.rng, self.outputs, self.inputs),
+            (self.loss_family, self.extract, self.assemble, self.static))
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(children[0], children[1], children[2], *aux)
+    return cls(*children, *aux)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -206,7 +218,7 @@ class Curvature:
     a deferred backward pass."""
     if self._deferred is None:
       return (self._layers, self._fisher_grads)
-    return (self._deferred.cotangent, self._deferred.inputs)
+    return (self._deferred.outputs, self._deferred.inputs)
 
   def tree_flatten(self):
     return ((self._layers, self._fisher_grads, self._deferred),

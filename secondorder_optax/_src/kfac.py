@@ -146,8 +146,8 @@ def eigen_scalings(a: Array, g: Array, input_basis: Array, output_basis: Array) 
   per-example gradients are summed over locations first.
   """
   batch, locations = a.shape[0], a.shape[1]
-  projected_a = jnp.matmul(a, input_basis)
-  projected_g = jnp.matmul(g, output_basis)
+  projected_a = linalg.matmul(a, input_basis)
+  projected_g = linalg.matmul(g, output_basis)
   if locations == 1:
     return jnp.matmul(jnp.square(projected_a[:, 0]).T, jnp.square(projected_g[:, 0])) / batch
   projected_grads = jnp.einsum("btd,bte->bde", projected_a, projected_g)
@@ -179,35 +179,38 @@ def trace_normalized(input_factor: Array, output_factor: Array) -> Tuple[Array, 
 
 
 def kronecker_direction(grad: Array, input_inverse: Array, output_inverse: Array) -> Array:
-  """`A_d⁻¹ ∇W̄ G_d⁻¹`."""
-  return jnp.matmul(jnp.matmul(input_inverse, grad), output_inverse)
+  """`A_d⁻¹ ∇W̄ G_d⁻¹` (in the inverses' dtype, accumulated in float32 at least)."""
+  return linalg.matmul(linalg.matmul(input_inverse, grad), output_inverse)
 
 
 def eigen_direction(grad: Array, input_basis: Array, output_basis: Array, scalings: Array,
                     damping: Array) -> Array:
-  """`Q_in [(Q_inᵀ ∇W̄ Q_out) / (S + λ)] Q_outᵀ`."""
-  projected = jnp.matmul(jnp.matmul(input_basis.T, grad), output_basis)
+  """`Q_in [(Q_inᵀ ∇W̄ Q_out) / (S + λ)] Q_outᵀ` (products in the bases' dtype)."""
+  projected = linalg.matmul(linalg.matmul(input_basis.T, grad), output_basis)
   scaled = projected / (scalings + damping)
-  return jnp.matmul(jnp.matmul(input_basis, scaled), output_basis.T)
+  return linalg.matmul(linalg.matmul(input_basis, scaled), output_basis.T)
 
 
 # ---------------------------------------------------------------------------------------
 # The method: per-layer init and the batched update of all layers.
 
 
-def _init_layer(variant: _Variant, info: layerwise.LayerInfo):
+def _init_layer(variant: _Variant, info: layerwise.LayerInfo, preconditioner_dtype):
   d_in, d_out = info.matrix_shape
   dtype = stats_dtype(info.dtype)
+  refreshed_dtype = dtype if preconditioner_dtype is None else preconditioner_dtype
   # A fresh array per field: a jitted step that donates the state must never receive
   # one buffer twice.
-  square_in = lambda: jnp.zeros((d_in, d_in), dtype)
-  square_out = lambda: jnp.zeros((d_out, d_out), dtype)
+  square_in = lambda dt=dtype: jnp.zeros((d_in, d_in), dt)
+  square_out = lambda dt=dtype: jnp.zeros((d_out, d_out), dt)
   if variant.eigen_corrected:
     return EigenLayerState(input_factor=square_in(), output_factor=square_out(),
-                           input_basis=square_in(), output_basis=square_out(),
+                           input_basis=square_in(refreshed_dtype),
+                           output_basis=square_out(refreshed_dtype),
                            scalings=jnp.zeros((d_in, d_out), dtype))
   return KroneckerLayerState(input_factor=square_in(), output_factor=square_out(),
-                             input_inverse=square_in(), output_inverse=square_out())
+                             input_inverse=square_in(refreshed_dtype),
+                             output_inverse=square_out(refreshed_dtype))
 
 
 def _update_factors(variant, views, factors, decay, first):
@@ -351,11 +354,12 @@ def _describe_layer(variant: _Variant, inverse_every: int):
 
 def _scale_by_family(variant: _Variant, *, damping: ScalarOrSchedule,
                      stats_decay: ScalarOrSchedule, stats_every: int, inverse_every: int,
-                     pi_correction: bool = True,
+                     pi_correction: bool = True, preconditioner_dtype: Any = None,
                      fallback: Optional[optax.GradientTransformation] = None,
                      layers: Optional[Sequence[LayerPath]] = None,
                      ) -> optax.GradientTransformationExtraArgs:
   _check_hyperparameters(variant.name, damping, stats_decay, stats_every, inverse_every)
+  preconditioner_dtype = linalg.check_preconditioner_dtype(variant.name, preconditioner_dtype)
   stats_every, inverse_every = operator.index(stats_every), operator.index(inverse_every)
   try:
     pi_correction = bool(pi_correction)
@@ -364,7 +368,7 @@ def _scale_by_family(variant: _Variant, *, damping: ScalarOrSchedule,
                      f"optax.inject_hyperparams pass static_args=('pi_correction',)") from None
   return layerwise.layerwise_transformation(
       variant.name,
-      init_layer=lambda info: _init_layer(variant, info),
+      init_layer=lambda info: _init_layer(variant, info, preconditioner_dtype),
       update_layers=_make_update_layers(
           variant, damping=damping, stats_decay=stats_decay, stats_every=stats_every,
           inverse_every=inverse_every, pi_correction=pi_correction),
@@ -386,6 +390,11 @@ _ARGS_DOC = """    damping: Tikhonov damping λ: a number, an array (e.g. from
     inverse_every: the {refreshed} are recomputed at steps where
       `count % inverse_every == 0` (step 0 always), under `lax.cond`, all same-shape
       factors of the model in one batched call.
+    preconditioner_dtype: dtype in which the {refreshed} are stored and applied
+      (default: the statistics' dtype, float32 at least). `jnp.bfloat16` halves their
+      memory and, where the hardware multiplies bfloat16 faster (accelerators, CPUs with
+      AVX512-BF16), the cost of applying them; the products still accumulate in float32
+      and the direction stays float32 (about 3 significant digits).
     fallback: transformation for parameter leaves outside captured layers (default
       `optax.identity()`); `soo.describe(tx, params)` lists the rule of every leaf.
     layers: optional explicit list of layer paths to precondition (default: every node
@@ -394,6 +403,7 @@ _ARGS_DOC = """    damping: Tikhonov damping λ: a number, an array (e.g. from
 
 def scale_by_kfac(*, damping: ScalarOrSchedule, stats_decay: ScalarOrSchedule = 0.95,
                   stats_every: int = 1, inverse_every: int = 20, pi_correction: bool = True,
+                  preconditioner_dtype: Any = None,
                   fallback: Optional[optax.GradientTransformation] = None,
                   layers: Optional[Sequence[LayerPath]] = None,
                   ) -> optax.GradientTransformationExtraArgs:
@@ -429,11 +439,13 @@ def scale_by_kfac(*, damping: ScalarOrSchedule, stats_decay: ScalarOrSchedule = 
   """
   return _scale_by_family(_KFAC, damping=damping, stats_decay=stats_decay,
                           stats_every=stats_every, inverse_every=inverse_every,
-                          pi_correction=pi_correction, fallback=fallback, layers=layers)
+                          pi_correction=pi_correction, preconditioner_dtype=preconditioner_dtype,
+                          fallback=fallback, layers=layers)
 
 
 def scale_by_ekfac(*, damping: ScalarOrSchedule, stats_decay: ScalarOrSchedule = 0.95,
                    stats_every: int = 1, inverse_every: int = 20,
+                   preconditioner_dtype: Any = None,
                    fallback: Optional[optax.GradientTransformation] = None,
                    layers: Optional[Sequence[LayerPath]] = None,
                    ) -> optax.GradientTransformationExtraArgs:
@@ -459,11 +471,13 @@ def scale_by_ekfac(*, damping: ScalarOrSchedule, stats_decay: ScalarOrSchedule =
   """
   return _scale_by_family(_EKFAC, damping=damping, stats_decay=stats_decay,
                           stats_every=stats_every, inverse_every=inverse_every,
+                          preconditioner_dtype=preconditioner_dtype,
                           fallback=fallback, layers=layers)
 
 
 def scale_by_tkfac(*, damping: ScalarOrSchedule, stats_decay: ScalarOrSchedule = 0.95,
                    stats_every: int = 1, inverse_every: int = 20,
+                   preconditioner_dtype: Any = None,
                    fallback: Optional[optax.GradientTransformation] = None,
                    layers: Optional[Sequence[LayerPath]] = None,
                    ) -> optax.GradientTransformationExtraArgs:
@@ -489,11 +503,13 @@ def scale_by_tkfac(*, damping: ScalarOrSchedule, stats_decay: ScalarOrSchedule =
   """
   return _scale_by_family(_TKFAC, damping=damping, stats_decay=stats_decay,
                           stats_every=stats_every, inverse_every=inverse_every,
+                          preconditioner_dtype=preconditioner_dtype,
                           fallback=fallback, layers=layers)
 
 
 def scale_by_tekfac(*, damping: ScalarOrSchedule, stats_decay: ScalarOrSchedule = 0.95,
                     stats_every: int = 1, inverse_every: int = 20,
+                    preconditioner_dtype: Any = None,
                     fallback: Optional[optax.GradientTransformation] = None,
                     layers: Optional[Sequence[LayerPath]] = None,
                     ) -> optax.GradientTransformationExtraArgs:
@@ -518,6 +534,7 @@ def scale_by_tekfac(*, damping: ScalarOrSchedule, stats_decay: ScalarOrSchedule 
   """
   return _scale_by_family(_TEKFAC, damping=damping, stats_decay=stats_decay,
                           stats_every=stats_every, inverse_every=inverse_every,
+                          preconditioner_dtype=preconditioner_dtype,
                           fallback=fallback, layers=layers)
 
 
@@ -555,11 +572,13 @@ def _full_optimizer_doc(method: str) -> str:
 def kfac(learning_rate: optax.ScalarOrSchedule, *, damping: ScalarOrSchedule,
          momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
          stats_decay: ScalarOrSchedule = 0.95, stats_every: int = 1, inverse_every: int = 20,
-         pi_correction: bool = True, fallback: Optional[optax.GradientTransformation] = None,
+         pi_correction: bool = True, preconditioner_dtype: Any = None,
+         fallback: Optional[optax.GradientTransformation] = None,
          layers: Optional[Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
   return alias.build_optimizer(
       scale_by_kfac(damping=damping, stats_decay=stats_decay, stats_every=stats_every,
                     inverse_every=inverse_every, pi_correction=pi_correction,
+                    preconditioner_dtype=preconditioner_dtype,
                     fallback=fallback, layers=layers),
       learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)
 
@@ -567,33 +586,39 @@ def kfac(learning_rate: optax.ScalarOrSchedule, *, damping: ScalarOrSchedule,
 def ekfac(learning_rate: optax.ScalarOrSchedule, *, damping: ScalarOrSchedule,
           momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
           stats_decay: ScalarOrSchedule = 0.95, stats_every: int = 1, inverse_every: int = 20,
+          preconditioner_dtype: Any = None,
           fallback: Optional[optax.GradientTransformation] = None,
           layers: Optional[Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
   return alias.build_optimizer(
       scale_by_ekfac(damping=damping, stats_decay=stats_decay, stats_every=stats_every,
-                     inverse_every=inverse_every, fallback=fallback, layers=layers),
+                     inverse_every=inverse_every, preconditioner_dtype=preconditioner_dtype,
+                     fallback=fallback, layers=layers),
       learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)
 
 
 def tkfac(learning_rate: optax.ScalarOrSchedule, *, damping: ScalarOrSchedule,
           momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
           stats_decay: ScalarOrSchedule = 0.95, stats_every: int = 1, inverse_every: int = 20,
+          preconditioner_dtype: Any = None,
           fallback: Optional[optax.GradientTransformation] = None,
           layers: Optional[Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
   return alias.build_optimizer(
       scale_by_tkfac(damping=damping, stats_decay=stats_decay, stats_every=stats_every,
-                     inverse_every=inverse_every, fallback=fallback, layers=layers),
+                     inverse_every=inverse_every, preconditioner_dtype=preconditioner_dtype,
+                     fallback=fallback, layers=layers),
       learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)
 
 
 def tekfac(learning_rate: optax.ScalarOrSchedule, *, damping: ScalarOrSchedule,
            momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
            stats_decay: ScalarOrSchedule = 0.95, stats_every: int = 1, inverse_every: int = 20,
+           preconditioner_dtype: Any = None,
            fallback: Optional[optax.GradientTransformation] = None,
            layers: Optional[Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
   return alias.build_optimizer(
       scale_by_tekfac(damping=damping, stats_decay=stats_decay, stats_every=stats_every,
-                      inverse_every=inverse_every, fallback=fallback, layers=layers),
+                      inverse_every=inverse_every, preconditioner_dtype=preconditioner_dtype,
+                      fallback=fallback, layers=layers),
       learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)
 
 

@@ -18,10 +18,60 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 from jax import lax
 
-from secondorder_optax._src.base import all_finite
+from secondorder_optax._src.base import all_finite, stats_dtype
 
 Array = jax.Array
 _HIGHEST = lax.Precision.HIGHEST
+
+
+def compute_dtype(*operands: Array) -> Any:
+  """The narrowest floating dtype among `operands` (where a product of them is computed)."""
+  dtypes = [jnp.asarray(x).dtype for x in operands]
+  return min(dtypes, key=lambda d: (jnp.finfo(d).bits, d.name))
+
+
+def _product(fn, a: Array, b: Array, **kwargs) -> Array:
+  dtype = compute_dtype(a, b)
+  return fn(a.astype(dtype), b.astype(dtype), precision=_HIGHEST,
+            preferred_element_type=stats_dtype(dtype), **kwargs)
+
+
+def matmul(a: Array, b: Array) -> Array:
+  """`a @ b` for applying a stored preconditioner.
+
+  Computed in the narrower dtype of the two operands and accumulated in float32 at least:
+  a bfloat16 preconditioner (`preconditioner_dtype=jnp.bfloat16`) multiplies at bfloat16
+  speed with float32 sums and a float32 result; float32 operands multiply at full float32
+  precision (`Precision.HIGHEST`, also on accelerators).
+  """
+  return _product(jnp.matmul, a, b)
+
+
+def einsum(subscripts: str, a: Array, b: Array) -> Array:
+  """`jnp.einsum(subscripts, a, b)` with `matmul`'s dtype rule."""
+  dtype = compute_dtype(a, b)
+  return jnp.einsum(subscripts, a.astype(dtype), b.astype(dtype), precision=_HIGHEST,
+                    preferred_element_type=stats_dtype(dtype))
+
+
+def tensordot(a: Array, b: Array, axes) -> Array:
+  """`jnp.tensordot(a, b, axes)` with `matmul`'s dtype rule."""
+  return _product(jnp.tensordot, a, b, axes=axes)
+
+
+def check_preconditioner_dtype(method: str, dtype: Any) -> Any:
+  """`None` or a floating dtype (a clear error otherwise)."""
+  if dtype is None:
+    return None
+  try:
+    dtype = jnp.dtype(dtype)
+  except TypeError:
+    raise ValueError(f"{method}: preconditioner_dtype must be a floating dtype such as "
+                     f"jnp.bfloat16 or jnp.float32, got {dtype!r}") from None
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{method}: preconditioner_dtype must be a floating dtype such as "
+                     f"jnp.bfloat16 or jnp.float32, got {dtype}")
+  return dtype
 
 
 def symmetrize(matrix: Array) -> Array:
@@ -106,9 +156,10 @@ def symmetric_gram(x: Array, axis: int = -1) -> Array:
 
 
 def keep_finite(new: Any, old: Any) -> Tuple[Any, Array]:
-  """`(new, 0)` where every leaf of `new` is finite, else `(old, 1)`."""
+  """`(new, 0)` where every leaf of `new` is finite, else `(old, 1)`; the result keeps
+  the dtypes of `old` (a preconditioner stored in bfloat16 stays bfloat16)."""
   ok = all_finite(new)
-  kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  kept = jax.tree.map(lambda n, o: jnp.where(ok, n.astype(o.dtype), o), new, old)
   return kept, jnp.where(ok, 0, 1).astype(jnp.int32)
 
 

@@ -32,7 +32,7 @@ import abc
 import dataclasses
 import functools
 import math
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -347,6 +347,7 @@ def scale_by_mbf(
     inverse_every: int = 20,
     block_size: int = 16,
     fisher: str = "empirical",
+    preconditioner_dtype: Any = None,
     partitions: Optional[Mapping[PartitionKey, MBFPartition]] = None,
     fallback: Optional[optax.GradientTransformation] = None,
     layers: Optional[Sequence[LayerPath]] = None,
@@ -367,6 +368,10 @@ def scale_by_mbf(
     block_size: chunk length of the default `MiniBlocks` partition of dense kernels.
     fisher: which capture the statistics must come from, `"empirical"` (default, the
       paper's) or `"sampled"`; a curvature with the other `fisher` raises a `ValueError`.
+    preconditioner_dtype: dtype in which the mini-block inverses are stored and applied
+      (default: the statistics' dtype, float32 at least); `jnp.bfloat16` halves the
+      largest part of MBF's state and the memory traffic of applying it, with float32
+      sums and a float32 direction.
     partitions: optional per-layer partitions overriding `MiniBlocks(block_size)`, keyed by
       layer path (`"Encoder_0/Dense_1"` or `("Encoder_0", "Dense_1")`).
     fallback: transformation for leaves outside captured layers (default identity).
@@ -394,6 +399,7 @@ def scale_by_mbf(
   for name, every in (("stats_every", stats_every), ("inverse_every", inverse_every)):
     if not isinstance(every, (int, np.integer)) or every < 1:
       raise ValueError(f"mbf: {name} must be an integer >= 1, got {every!r}")
+  preconditioner_dtype = linalg.check_preconditioner_dtype("mbf", preconditioner_dtype)
   default_partition = MiniBlocks(block_size)
   overrides = _normalize_overrides(partitions)
 
@@ -405,7 +411,8 @@ def scale_by_mbf(
     shapes = _block_shapes(partition_of(info), info)
     return MBFLayerState(
         statistics={g: jnp.zeros((n, packed_size(s)), dtype) for g, (n, s) in shapes.items()},
-        inverses={g: jnp.zeros((n, s, s), dtype) for g, (n, s) in shapes.items()})
+        inverses={g: jnp.zeros((n, s, s), dtype if preconditioner_dtype is None
+                               else preconditioner_dtype) for g, (n, s) in shapes.items()})
 
   def batch_statistics(infos, stats):
     out = {}
@@ -433,8 +440,7 @@ def scale_by_mbf(
     for key, info in infos.items():
       partition = partition_of(info)
       blocks = partition.split(grad_mats[key], info)
-      solved = {g: jnp.einsum("nij,nj->ni", inverses[key][g], b.astype(inverses[key][g].dtype),
-                              precision=_HIGHEST)
+      solved = {g: linalg.einsum("nij,nj->ni", inverses[key][g], b)
                 for g, b in blocks.items()}
       directions[key] = partition.merge(solved, info)
     new_layers = {k: MBFLayerState(new_stats[k], inverses[k]) for k in layer_states}
@@ -485,6 +491,7 @@ def mbf(
     inverse_every: int = 20,
     block_size: int = 16,
     fisher: str = "empirical",
+    preconditioner_dtype: Any = None,
     partitions: Optional[Mapping[PartitionKey, MBFPartition]] = None,
     fallback: Optional[optax.GradientTransformation] = None,
     layers: Optional[Sequence[LayerPath]] = None,
@@ -501,6 +508,7 @@ def mbf(
     inverse_every: steps between inverse refreshes.
     block_size: chunk length of dense kernels in the default `MiniBlocks` partition.
     fisher: `"empirical"` (default) or `"sampled"`: the capture the statistics come from.
+    preconditioner_dtype: as in `scale_by_mbf`.
     partitions: optional per-layer `MBFPartition` overrides keyed by layer path.
     fallback: transformation for leaves outside captured layers.
     layers: optional explicit list of layer paths to precondition.
@@ -526,5 +534,6 @@ def mbf(
   return alias.build_optimizer(
       scale_by_mbf(damping=damping, stats_decay=stats_decay, stats_every=stats_every,
                    inverse_every=inverse_every, block_size=block_size, fisher=fisher,
-                   partitions=partitions, fallback=fallback, layers=layers),
+                   preconditioner_dtype=preconditioner_dtype, partitions=partitions,
+                   fallback=fallback, layers=layers),
       learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)

@@ -29,14 +29,12 @@ from typing import Any, Callable, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from secondorder_optax._src import layerwise, linalg
 from secondorder_optax._src.base import path_to_str, stats_dtype
 
 Array = jax.Array
 Factors = Tuple[Array, ...]
-_HIGHEST = lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,16 +159,18 @@ def identity_factors(layout: ModeLayout, dtype: Any) -> Factors:
                for d, diag in zip(layout.modes, layout.diagonal))
 
 
-def initial_factors(params: Any, max_factor_dim: Any
+def initial_factors(params: Any, max_factor_dim: Any, preconditioner_dtype: Any = None
                     ) -> Tuple[Dict[str, ModeLayout], Dict[str, Factors], Dict[str, Factors]]:
-  """Per leaf key: its layout, zero statistics and identity preconditioners (float32 at
-  least), the starting state shared by TNT and Shampoo."""
+  """Per leaf key: its layout, zero statistics (float32 at least) and identity
+  preconditioners (in `preconditioner_dtype`, default the statistics' dtype), the
+  starting state shared by TNT and Shampoo."""
   leaf_layouts = layouts(params, max_factor_dim)
   statistics, identities = {}, {}
   for (key, layout), leaf in zip(leaf_layouts.items(), jax.tree.leaves(params)):
     dtype = stats_dtype(jnp.asarray(leaf).dtype)
     statistics[key] = zero_factors(layout, dtype)
-    identities[key] = identity_factors(layout, dtype)
+    identities[key] = identity_factors(
+        layout, dtype if preconditioner_dtype is None else preconditioner_dtype)
   return leaf_layouts, statistics, identities
 
 
@@ -200,16 +200,20 @@ def factor_trace(factor: Array) -> Array:
 
 
 def apply_factors(tensor: Array, factors: Factors) -> Array:
-  """`X ×_1 F_1 ×_2 … ×_k F_k` (`(X ×_i F)[…a…] = Σ_b F[a, b] X[…b…]`)."""
+  """`X ×_1 F_1 ×_2 … ×_k F_k` (`(X ×_i F)[…a…] = Σ_b F[a, b] X[…b…]`).
+
+  Each product runs in the factor's dtype (`linalg.tensordot`: a bfloat16 factor
+  multiplies in bfloat16 with float32 sums); the result keeps the tensor's dtype.
+  """
+  dtype = tensor.dtype
   for i, factor in enumerate(factors):
     if factor.ndim == 1:
       shape = [1] * tensor.ndim
       shape[i] = factor.shape[0]
-      tensor = tensor * factor.reshape(shape)
+      tensor = tensor * factor.reshape(shape).astype(dtype)
     else:
-      tensor = jnp.moveaxis(
-          jnp.tensordot(factor, tensor, axes=(1, i), precision=_HIGHEST), 0, i)
-  return tensor
+      tensor = jnp.moveaxis(linalg.tensordot(factor, tensor, axes=(1, i)), 0, i)
+  return tensor.astype(dtype)
 
 
 def leaf_keys(tree: Any) -> Tuple[str, ...]:

@@ -224,11 +224,9 @@ def finish_capture(outputs: Array, vjp_fn: Callable, loss_family: LossFamily, ta
   if rng is None:
     raise ValueError("fisher='sampled' needs an rng to sample targets from the model; pass "
                      "rng=jax.random.key(...) or use fisher='empirical'")
-  fisher_targets = loss_family.sample(rng, jax.lax.stop_gradient(outputs))
-  ct_fisher = jax.grad(lambda o: loss_family.per_example_loss(o, fisher_targets).sum())(outputs)
   grads, _ = vjp_fn(ct_true.astype(outputs.dtype))
-  deferred = FisherPullback(vjp_fn, ct_fisher.astype(outputs.dtype), recorded, batch,
-                            extract, assemble, layout)
+  deferred = FisherPullback(vjp_fn, rng, outputs, recorded, loss_family, extract, assemble,
+                            layout)
   curvature = Curvature(fisher=fisher, deferred=deferred, layer_meta=meta)
   return loss, grads, (curvature if defer else curvature.materialized())
 
