@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                       "refreshed preconditioner in this dtype (an extra row per setting)")
   p.add_argument("--kfac-jax-python", default=None,
                  help="python of an environment with kfac-jax, to time its KFAC too")
+  p.add_argument("--repeats", type=int, default=1,
+                 help="measure every row this many times (each its own process) and keep "
+                      "the run with the median amortized ratio (timing noise)")
   p.add_argument("--timeout", type=float, default=1800.0, help="seconds per subprocess")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--method", default=None, help=argparse.SUPPRESS)
@@ -151,6 +154,16 @@ def _run_subprocess(cmd: List[str], timeout: float) -> Dict[str, Any]:
                      f"{proc.stderr[-3000:]}")
 
 
+def _repeated(cmd: List[str], args) -> Dict[str, Any]:
+  """`--repeats` runs of one measurement; the one with the median amortized ratio, with
+  every run's ratio under `ratio_amortized_runs`."""
+  runs = [_run_subprocess(cmd, args.timeout) for _ in range(max(1, args.repeats))]
+  runs.sort(key=lambda r: r["ratio_amortized"])
+  result = dict(runs[(len(runs) - 1) // 2])
+  result["ratio_amortized_runs"] = [r["ratio_amortized"] for r in runs]
+  return result
+
+
 def _worker_cmd(args, method: str, setting: str) -> List[str]:
   cmd = [sys.executable, "-m", "experiments.step_time", "--worker", "--method", method,
          "--setting", setting, "--batch-size", str(args.batch_size), "--steps",
@@ -201,21 +214,20 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
       if wanted and setting not in wanted:
         continue
       print(f"timing {name} {setting} ...", flush=True)
-      results.append(_run_subprocess(_worker_cmd(args, name, setting), args.timeout))
+      results.append(_repeated(_worker_cmd(args, name, setting), args))
       if args.preconditioner_dtype and methods_lib.accepts(method.factory,
                                                            "preconditioner_dtype"):
         print(f"timing {name} {setting}, {args.preconditioner_dtype} preconditioner ...",
               flush=True)
         cmd = _worker_cmd(args, name, setting)
         cmd += ["--preconditioner-dtype", args.preconditioner_dtype]
-        results.append(_run_subprocess(cmd, args.timeout))
+        results.append(_repeated(cmd, args))
   if args.kfac_jax_python:
     for setting_name, setting in methods_lib.KRONECKER_REFRESH.items():
       if wanted and setting_name not in wanted:
         continue
       print(f"timing kfac-jax {setting_name} ...", flush=True)
-      result = _run_subprocess(kfac_jax_cmd(args, args.kfac_jax_python, setting),
-                               args.timeout)
+      result = _repeated(kfac_jax_cmd(args, args.kfac_jax_python, setting), args)
       result["setting"] = setting_name
       results.append(result)
   table = format_table(results)

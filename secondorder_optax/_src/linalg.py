@@ -47,13 +47,6 @@ def matmul(a: Array, b: Array) -> Array:
   return _product(jnp.matmul, a, b)
 
 
-def einsum(subscripts: str, a: Array, b: Array) -> Array:
-  """`jnp.einsum(subscripts, a, b)` with `matmul`'s dtype rule."""
-  dtype = compute_dtype(a, b)
-  return jnp.einsum(subscripts, a.astype(dtype), b.astype(dtype), precision=_HIGHEST,
-                    preferred_element_type=stats_dtype(dtype))
-
-
 def tensordot(a: Array, b: Array, axes) -> Array:
   """`jnp.tensordot(a, b, axes)` with `matmul`'s dtype rule."""
   return _product(jnp.tensordot, a, b, axes=axes)

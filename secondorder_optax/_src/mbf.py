@@ -315,6 +315,20 @@ def _guarded_inverse(matrix: Array, previous: Array, damping: Array) -> Tuple[Ar
   return linalg.keep_finite(linalg.damped_inverse(matrix, damping), previous)
 
 
+def _apply_inverses(inverses: Array, vectors: Array) -> Array:
+  """`inverses[n] @ vectors[n]` for every block n (float32 result at least).
+
+  Narrower stored inverses (`preconditioner_dtype`) are widened inside an elementwise
+  product-sum: XLA:CPU has no fast batched matrix-vector product for bfloat16 (measured
+  ~6x slower than float32 on 177k 16x16 blocks), the fused product-sum runs at float32's
+  speed on half the bytes.
+  """
+  dtype = stats_dtype(vectors.dtype)
+  if inverses.dtype == dtype:
+    return jnp.einsum("nij,nj->ni", inverses, vectors.astype(dtype), precision=_HIGHEST)
+  return jnp.sum(inverses.astype(dtype) * vectors.astype(dtype)[:, None, :], axis=-1)
+
+
 def _invert_all(statistics: Dict[str, Dict[str, Array]], previous: Dict[str, Dict[str, Array]],
                 damping: Array) -> Tuple[Dict[str, Dict[str, Array]], Array]:
   """Damped inverses of every mini-block, one batched Cholesky call per block size."""
@@ -440,8 +454,7 @@ def scale_by_mbf(
     for key, info in infos.items():
       partition = partition_of(info)
       blocks = partition.split(grad_mats[key], info)
-      solved = {g: linalg.einsum("nij,nj->ni", inverses[key][g], b)
-                for g, b in blocks.items()}
+      solved = {g: _apply_inverses(inverses[key][g], b) for g, b in blocks.items()}
       directions[key] = partition.merge(solved, info)
     new_layers = {k: MBFLayerState(new_stats[k], inverses[k]) for k in layer_states}
     return directions, new_layers, failures
