@@ -6,7 +6,10 @@ kfac-jax is used with fixed learning rate, momentum and damping (no adaptive rul
 burn-in), `curvature_update_period` = our `stats_every`, `inverse_update_period` = our
 `inverse_every`, curvature EMA 0.95. Convention (DESIGN §4): kfac-jax's output factor is
 1/N of ours, so its direction at damping λ is N times ours at damping N·λ; the damping here
-only affects timing. Prints one `STEP_TIME_RESULT {json}` line.
+only affects timing. `--block tnt` uses kfac-jax's `DenseTNT` blocks for every dense layer
+instead of its Kronecker-factored ones (their factors weight each example's input and
+output gradient by the other's norm, as our TKFAC does). Prints one
+`STEP_TIME_RESULT {json}` line.
 """
 
 import argparse
@@ -20,6 +23,9 @@ import jax.numpy as jnp
 import kfac_jax
 import numpy as np
 import optax
+
+
+BLOCKS = {"kfac": kfac_jax.DenseTwoKroneckerFactored, "tnt": kfac_jax.DenseTNT}
 
 
 class Autoencoder(nn.Module):
@@ -56,6 +62,8 @@ def main():
   p.add_argument("--stats-every", type=int, default=1)
   p.add_argument("--inverse-every", type=int, default=20)
   p.add_argument("--damping", type=float, default=1e-3)
+  p.add_argument("--block", choices=("kfac", "tnt"), default="kfac",
+                 help="kfac-jax curvature block for dense layers")
   args = p.parse_args()
 
   sizes = tuple(int(v) for v in args.hidden.split(","))
@@ -96,7 +104,8 @@ def main():
       use_adaptive_momentum=False, momentum_schedule=lambda step: 0.9,
       use_adaptive_damping=False, damping_schedule=lambda step: args.damping,
       curvature_ema=0.95, curvature_update_period=args.stats_every,
-      inverse_update_period=args.inverse_every, num_burnin_steps=0, multi_device=False)
+      inverse_update_period=args.inverse_every, num_burnin_steps=0, multi_device=False,
+      layer_tag_to_block_ctor={"dense": BLOCKS[args.block]})
   rng = jax.random.key(1)
   start = time.perf_counter()
   kfac_params = jax.tree.map(jnp.copy, params)  # kfac-jax donates its inputs.
@@ -114,7 +123,7 @@ def main():
   state_bytes = sum(np.asarray(a).nbytes for a in jax.tree.leaves(holder["s"])
                     if hasattr(a, "dtype"))
   result = {
-      "method": "kfac-jax KFAC", "setting": None,
+      "method": f"kfac-jax {args.block.upper()}", "setting": None,
       "overrides": {"stats_every": args.stats_every, "inverse_every": args.inverse_every},
       "compile_seconds": kfac_compile, "median_step_seconds": median,
       "mean_step_seconds": mean, "steps": args.steps, "state_bytes": int(state_bytes),

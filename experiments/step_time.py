@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="autoencoder encoder sizes (default the paper's 1000,500,250,30)")
   p.add_argument("--input-dim", type=int, default=784)
   p.add_argument("--output", default=os.path.join("results", "step_time.json"))
+  p.add_argument("--kfac-jax-blocks", default="kfac",
+                 help="comma-separated kfac-jax dense blocks to time: kfac (its "
+                      "Kronecker-factored default) and/or tnt (its DenseTNT)")
   p.add_argument("--preconditioner-dtype", default=None, choices=("float32", "bfloat16"),
                  help="also time each method that has `preconditioner_dtype` with its "
                       "refreshed preconditioner in this dtype (an extra row per setting)")
@@ -173,8 +176,8 @@ def _worker_cmd(args, method: str, setting: str) -> List[str]:
   return cmd
 
 
-def kfac_jax_cmd(args, python: str, setting: Dict[str, int]) -> List[str]:
-  cmd = [python, os.path.join(HERE, "kfac_jax_step_time.py"), "--batch-size",
+def kfac_jax_cmd(args, python: str, setting: Dict[str, int], block: str = "kfac") -> List[str]:
+  cmd = [python, os.path.join(HERE, "kfac_jax_step_time.py"), "--block", block, "--batch-size",
          str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
          "--input-dim", str(args.input_dim), "--stats-every", str(setting["stats_every"]),
          "--inverse-every", str(setting["inverse_every"])]
@@ -226,10 +229,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     for setting_name, setting in methods_lib.KRONECKER_REFRESH.items():
       if wanted and setting_name not in wanted:
         continue
-      print(f"timing kfac-jax {setting_name} ...", flush=True)
-      result = _repeated(kfac_jax_cmd(args, args.kfac_jax_python, setting), args)
-      result["setting"] = setting_name
-      results.append(result)
+      for block in args.kfac_jax_blocks.split(","):
+        print(f"timing kfac-jax {block} {setting_name} ...", flush=True)
+        result = _repeated(kfac_jax_cmd(args, args.kfac_jax_python, setting, block), args)
+        result["setting"] = setting_name
+        results.append(result)
   table = format_table(results)
   print(f"MNIST autoencoder step time, batch {args.batch_size}, {args.steps} timed steps, "
         f"{os.cpu_count()} CPUs, jax {jax.__version__}")

@@ -193,3 +193,31 @@ def test_every_second_order_method_has_a_damping_to_scale():
     if method.damping_key is not None:
       assert method.damping > 0, method.name
   assert methods.get_method("sgd").damping_key is None
+
+
+def test_step_time_worker_times_a_bfloat16_preconditioner():
+  from experiments import step_time  # pylint: disable=g-import-not-at-top
+  args = step_time._parser().parse_args(
+      ["--worker", "--method", "kfac", "--setting", "stats10_inv100", "--hidden", "8,4",
+       "--input-dim", "16", "--batch-size", "16", "--steps", "2", "--warmup", "1",
+       "--preconditioner-dtype", "bfloat16"])
+  result = step_time.worker(args)
+  assert result["setting"] == "stats10_inv100, bfloat16 preconditioner"
+  assert result["overrides"]["preconditioner_dtype"] == "bfloat16"
+  assert result["ratio_amortized"] > 0 and np.isfinite(result["final_loss"])
+  # KFAC's state: per layer two float32 factors and their bfloat16 inverses (6 bytes per
+  # entry), the momentum (one copy of the parameters) and a few scalars.
+  factor_entries = sum(d * d for d in (17, 8, 9, 4, 5, 8, 9, 16))  # 16-8-4-8-16 with biases
+  extra = result["state_bytes"] - result["param_bytes"] - 6 * factor_entries
+  assert 0 <= extra < 64, extra
+
+
+def test_step_time_repeats_keep_the_median_run(monkeypatch):
+  from experiments import step_time  # pylint: disable=g-import-not-at-top
+  ratios = iter([1.9, 1.5, 1.7])
+  monkeypatch.setattr(step_time, "_run_subprocess",
+                      lambda cmd, timeout: {"ratio_amortized": next(ratios), "cmd": cmd})
+  args = step_time._parser().parse_args(["--repeats", "3"])
+  result = step_time._repeated(["x"], args)
+  assert result["ratio_amortized"] == 1.7
+  assert result["ratio_amortized_runs"] == [1.5, 1.7, 1.9]
