@@ -11,6 +11,7 @@ from secondorder_optax._src.alias import build_optimizer
 from secondorder_optax._src.base import ConvConfig, Curvature, LayerStats
 from secondorder_optax._src.capture.linen import linen_curvature
 from secondorder_optax._src.describe import describe
+from secondorder_optax._src.kl_clip import KLClipState, clip_by_kl
 from secondorder_optax._src.layerwise import LayerwiseState
 # -- nnx exports (issue 2, nnx) --
 from secondorder_optax._src.capture.nnx import nnx_curvature
@@ -33,9 +34,11 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvConfig",
     "Curvature",
+    "KLClipState",
     "LayerStats",
     "LayerwiseState",
     "build_optimizer",
+    "clip_by_kl",
     "describe",
     "linen_curvature",
     "losses",

@@ -10,6 +10,7 @@ MODULES = [
     "secondorder_optax._src.base",
     "secondorder_optax._src.alias",
     "secondorder_optax._src.describe",
+    "secondorder_optax._src.kl_clip",
     "secondorder_optax._src.capture.linen",
     "secondorder_optax._src.capture.nnx",
     "secondorder_optax._src.kfac",

@@ -17,6 +17,7 @@ import optax
 
 from secondorder_optax._src import layerwise
 from secondorder_optax._src.base import all_finite, select_tree
+from secondorder_optax._src.kl_clip import clip_by_kl
 
 
 def build_optimizer(
@@ -26,6 +27,7 @@ def build_optimizer(
     momentum: Optional[float] = 0.9,
     weight_decay: float = 0.0,
     precondition_momentum: bool = False,
+    kl_clip: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Chains a preconditioner with decoupled weight decay, momentum and the learning rate.
 
@@ -35,6 +37,9 @@ def build_optimizer(
     momentum: heavy-ball momentum (`optax.trace`); `None` or 0 for none.
     weight_decay: decoupled weight decay coefficient.
     precondition_momentum: apply momentum before the preconditioner (TNT's convention).
+    kl_clip: `None` (default) or κ > 0: rescale the preconditioned direction Δ by `ν ≤ 1`
+      so that the step's estimated KL change `η² ν² ⟨Δ, g⟩` stays below κ
+      (`soo.clip_by_kl`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` forwarding `curvature=` to the preconditioner.
@@ -51,6 +56,8 @@ def build_optimizer(
   # The preconditioners keep their own state on non-finite input; the other stateful parts
   # (momentum, a schedule's count) are guarded here, each on the updates it receives, so no
   # state is selected twice.
+  if kl_clip is not None:
+    preconditioner = clip_by_kl(preconditioner, kl_clip=kl_clip, learning_rate=learning_rate)
   momentum_tx = optax.identity() if _is_zero(momentum) else optax.trace(decay=momentum)
   tail = []
   if not _is_zero(weight_decay):

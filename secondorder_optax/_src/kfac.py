@@ -548,6 +548,8 @@ def _full_optimizer_doc(method: str) -> str:
     learning_rate: a number or an optax schedule.
     momentum: heavy-ball momentum (`optax.trace`); 0 or `None` for none.
     weight_decay: decoupled weight decay coefficient.
+    kl_clip: `None` or κ > 0: shorten steps whose estimated KL change `η² ⟨Δ, g⟩` exceeds
+      κ, to exactly κ (`soo.clip_by_kl`; Ba et al. 2017).
     damping, stats_decay, stats_every, inverse_every, ...: as in `soo.scale_by_{method}`
       (`damping` is required).
 
@@ -571,6 +573,7 @@ def _full_optimizer_doc(method: str) -> str:
 
 def kfac(learning_rate: optax.ScalarOrSchedule, *, damping: ScalarOrSchedule,
          momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
+         kl_clip: Optional[float] = None,
          stats_decay: ScalarOrSchedule = 0.95, stats_every: int = 1, inverse_every: int = 20,
          pi_correction: bool = True, preconditioner_dtype: Any = None,
          fallback: Optional[optax.GradientTransformation] = None,
@@ -580,11 +583,13 @@ def kfac(learning_rate: optax.ScalarOrSchedule, *, damping: ScalarOrSchedule,
                     inverse_every=inverse_every, pi_correction=pi_correction,
                     preconditioner_dtype=preconditioner_dtype,
                     fallback=fallback, layers=layers),
-      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)
+      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
+      kl_clip=kl_clip)
 
 
 def ekfac(learning_rate: optax.ScalarOrSchedule, *, damping: ScalarOrSchedule,
           momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
+          kl_clip: Optional[float] = None,
           stats_decay: ScalarOrSchedule = 0.95, stats_every: int = 1, inverse_every: int = 20,
           preconditioner_dtype: Any = None,
           fallback: Optional[optax.GradientTransformation] = None,
@@ -593,11 +598,13 @@ def ekfac(learning_rate: optax.ScalarOrSchedule, *, damping: ScalarOrSchedule,
       scale_by_ekfac(damping=damping, stats_decay=stats_decay, stats_every=stats_every,
                      inverse_every=inverse_every, preconditioner_dtype=preconditioner_dtype,
                      fallback=fallback, layers=layers),
-      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)
+      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
+      kl_clip=kl_clip)
 
 
 def tkfac(learning_rate: optax.ScalarOrSchedule, *, damping: ScalarOrSchedule,
           momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
+          kl_clip: Optional[float] = None,
           stats_decay: ScalarOrSchedule = 0.95, stats_every: int = 1, inverse_every: int = 20,
           preconditioner_dtype: Any = None,
           fallback: Optional[optax.GradientTransformation] = None,
@@ -606,11 +613,13 @@ def tkfac(learning_rate: optax.ScalarOrSchedule, *, damping: ScalarOrSchedule,
       scale_by_tkfac(damping=damping, stats_decay=stats_decay, stats_every=stats_every,
                      inverse_every=inverse_every, preconditioner_dtype=preconditioner_dtype,
                      fallback=fallback, layers=layers),
-      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)
+      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
+      kl_clip=kl_clip)
 
 
 def tekfac(learning_rate: optax.ScalarOrSchedule, *, damping: ScalarOrSchedule,
            momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
+           kl_clip: Optional[float] = None,
            stats_decay: ScalarOrSchedule = 0.95, stats_every: int = 1, inverse_every: int = 20,
            preconditioner_dtype: Any = None,
            fallback: Optional[optax.GradientTransformation] = None,
@@ -619,7 +628,8 @@ def tekfac(learning_rate: optax.ScalarOrSchedule, *, damping: ScalarOrSchedule,
       scale_by_tekfac(damping=damping, stats_decay=stats_decay, stats_every=stats_every,
                       inverse_every=inverse_every, preconditioner_dtype=preconditioner_dtype,
                       fallback=fallback, layers=layers),
-      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)
+      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
+      kl_clip=kl_clip)
 
 
 for _transform, _refreshed in ((scale_by_kfac, "damped inverses"),

@@ -499,6 +499,7 @@ def mbf(
     damping: ScalarOrSchedule,
     momentum: Optional[float] = 0.9,
     weight_decay: float = 0.0,
+    kl_clip: Optional[float] = None,
     stats_decay: ScalarOrSchedule = 0.95,
     stats_every: int = 1,
     inverse_every: int = 20,
@@ -516,6 +517,8 @@ def mbf(
     damping: λ added to every mini-block (see `scale_by_mbf`).
     momentum: heavy-ball momentum; `None` or 0 for none.
     weight_decay: decoupled weight decay.
+    kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
+      (`soo.clip_by_kl`).
     stats_decay: EMA weight of the old statistics.
     stats_every: steps between statistics updates.
     inverse_every: steps between inverse refreshes.
@@ -549,4 +552,5 @@ def mbf(
                    inverse_every=inverse_every, block_size=block_size, fisher=fisher,
                    preconditioner_dtype=preconditioner_dtype, partitions=partitions,
                    fallback=fallback, layers=layers),
-      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)
+      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
+      kl_clip=kl_clip)

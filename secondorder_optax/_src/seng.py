@@ -499,6 +499,7 @@ def seng(
     subsample: Optional[int] = None,
     momentum: Optional[float] = 0.9,
     weight_decay: float = 0.0,
+    kl_clip: Optional[float] = None,
     inverse_every: int = 200,
     explicit_threshold: int = 1_000_000,
     sketch_size: Optional[int] = 256,
@@ -517,6 +518,8 @@ def seng(
     subsample: use only the first `subsample` examples of each batch for the curvature.
     momentum: heavy-ball momentum on the preconditioned direction.
     weight_decay: decoupled weight decay.
+    kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
+      (`soo.clip_by_kl`).
     inverse_every: refresh period of the factors and the k×k inverse.
     explicit_threshold: see `scale_by_seng`.
     sketch_size: see `scale_by_seng` (`None`: no sketching).
@@ -548,4 +551,5 @@ def seng(
                     sketch_size=sketch_size, svd_rank=svd_rank,
                     sequence_layers=sequence_layers, seed=seed, fallback=fallback,
                     layers=layers),
-      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay)
+      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
+      kl_clip=kl_clip)

@@ -234,6 +234,7 @@ def shampoo(
     damping: ScalarOrSchedule = 1e-4,
     momentum: Optional[float] = 0.9,
     weight_decay: float = 0.0,
+    kl_clip: Optional[float] = None,
     stats_decay: Optional[ScalarOrSchedule] = 0.9,
     stats_every: int = 1,
     inverse_every: int = 20,
@@ -251,6 +252,8 @@ def shampoo(
     damping: `ε` added to every statistic before its root.
     momentum: heavy-ball momentum (`optax.trace`) on the preconditioned direction.
     weight_decay: decoupled weight decay coefficient.
+    kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
+      (`soo.clip_by_kl`).
     stats_decay: EMA weight of the old statistics; `None` sums them.
     stats_every: statistics refresh period (steps).
     inverse_every: root refresh period (steps).
@@ -282,4 +285,4 @@ def shampoo(
       preconditioner_dtype=preconditioner_dtype, graft=graft,
       graft_decay=graft_decay, graft_eps=graft_eps, graft_momentum=graft_momentum)
   return alias.build_optimizer(preconditioner, learning_rate=learning_rate, momentum=momentum,
-                               weight_decay=weight_decay)
+                               weight_decay=weight_decay, kl_clip=kl_clip)

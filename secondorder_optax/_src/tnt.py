@@ -248,6 +248,7 @@ def tnt(
     damping: ScalarOrSchedule = 0.1,
     momentum: Optional[float] = 0.9,
     weight_decay: float = 0.0,
+    kl_clip: Optional[float] = None,
     stats_decay: ScalarOrSchedule = 0.9,
     stats_every: int = 1,
     inverse_every: int = 20,
@@ -266,6 +267,8 @@ def tnt(
     damping: `ε` added to every normalised factor.
     momentum: heavy-ball momentum (`optax.trace`); `None` or 0 for none.
     weight_decay: decoupled weight decay coefficient.
+    kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
+      (`soo.clip_by_kl`).
     stats_decay: EMA weight of the old statistics.
     stats_every: statistics refresh period (steps).
     inverse_every: inverse refresh period (steps).
@@ -294,6 +297,7 @@ def tnt(
                                 preconditioner_dtype=preconditioner_dtype)
   inner = alias.build_optimizer(preconditioner, learning_rate=learning_rate,
                                 momentum=momentum, weight_decay=weight_decay,
+                                kl_clip=kl_clip,
                                 precondition_momentum=True)
 
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
