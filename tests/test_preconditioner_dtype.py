@@ -33,14 +33,9 @@ STATISTICS = {"kfac": ("input_factor", "output_factor"),
 
 
 def _transformation(method, dtype):
-  if method == "mbf":
-    return soo.scale_by_mbf(damping=1e-2, block_size=3, inverse_every=2,
-                            preconditioner_dtype=dtype)
-  if method in ("tnt", "shampoo"):
-    return getattr(soo, f"scale_by_{method}")(damping=1e-2, inverse_every=2,
-                                              preconditioner_dtype=dtype)
+  extra = {"block_size": 3} if method == "mbf" else {}
   return getattr(soo, f"scale_by_{method}")(damping=1e-2, inverse_every=2,
-                                            preconditioner_dtype=dtype)
+                                            preconditioner_dtype=dtype, **extra)
 
 
 @functools.lru_cache(maxsize=None)

@@ -198,7 +198,7 @@ def eigen_direction(grad: Array, input_basis: Array, output_basis: Array, scalin
 def _init_layer(variant: _Variant, info: layerwise.LayerInfo, preconditioner_dtype):
   d_in, d_out = info.matrix_shape
   dtype = stats_dtype(info.dtype)
-  refreshed_dtype = dtype if preconditioner_dtype is None else preconditioner_dtype
+  refreshed_dtype = linalg.refreshed_dtype(dtype, preconditioner_dtype)
   # A fresh array per field: a jitted step that donates the state must never receive
   # one buffer twice.
   square_in = lambda dt=dtype: jnp.zeros((d_in, d_in), dt)

@@ -57,14 +57,19 @@ def check_preconditioner_dtype(method: str, dtype: Any) -> Any:
   if dtype is None:
     return None
   try:
-    dtype = jnp.dtype(dtype)
+    checked = jnp.dtype(dtype)
   except TypeError:
+    checked = None
+  if checked is None or not jnp.issubdtype(checked, jnp.floating):
     raise ValueError(f"{method}: preconditioner_dtype must be a floating dtype such as "
-                     f"jnp.bfloat16 or jnp.float32, got {dtype!r}") from None
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"{method}: preconditioner_dtype must be a floating dtype such as "
-                     f"jnp.bfloat16 or jnp.float32, got {dtype}")
-  return dtype
+                     f"jnp.bfloat16 or jnp.float32, got {dtype!r}")
+  return checked
+
+
+def refreshed_dtype(statistics_dtype: Any, preconditioner_dtype: Any) -> Any:
+  """Dtype of a stored preconditioner: `preconditioner_dtype`, or by default the dtype of
+  the statistics it is computed from."""
+  return statistics_dtype if preconditioner_dtype is None else preconditioner_dtype
 
 
 def symmetrize(matrix: Array) -> Array:

@@ -425,8 +425,8 @@ def scale_by_mbf(
     shapes = _block_shapes(partition_of(info), info)
     return MBFLayerState(
         statistics={g: jnp.zeros((n, packed_size(s)), dtype) for g, (n, s) in shapes.items()},
-        inverses={g: jnp.zeros((n, s, s), dtype if preconditioner_dtype is None
-                               else preconditioner_dtype) for g, (n, s) in shapes.items()})
+        inverses={g: jnp.zeros((n, s, s), linalg.refreshed_dtype(dtype, preconditioner_dtype))
+                  for g, (n, s) in shapes.items()})
 
   def batch_statistics(infos, stats):
     out = {}

@@ -169,8 +169,8 @@ def initial_factors(params: Any, max_factor_dim: Any, preconditioner_dtype: Any 
   for (key, layout), leaf in zip(leaf_layouts.items(), jax.tree.leaves(params)):
     dtype = stats_dtype(jnp.asarray(leaf).dtype)
     statistics[key] = zero_factors(layout, dtype)
-    identities[key] = identity_factors(
-        layout, dtype if preconditioner_dtype is None else preconditioner_dtype)
+    identities[key] = identity_factors(layout,
+                                       linalg.refreshed_dtype(dtype, preconditioner_dtype))
   return leaf_layouts, statistics, identities
 
 
