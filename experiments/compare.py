@@ -18,7 +18,9 @@ preset learning rate and the run with the lowest final training loss is the one 
 `--damping-grid 1,10,100` does the same for each method's damping (`Method.damping_key`:
 `damping` of the second-order methods, Adam's `eps`; SGD has none and runs once per learning
 rate); with both grids every (learning rate, damping) pair is run. This is how the presets
-were chosen (`experiments/methods.py`).
+were chosen (`experiments/methods.py`). `--lrs` and `--dampings` give absolute values
+instead of multiples (the same values for every method). `--set kl_clip=0.01` (repeatable)
+sets a hyperparameter on every method that takes it and leaves the others as they are.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -60,6 +63,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--damping-grid", default="1",
                  help="comma-separated multipliers of each preset damping (Adam: eps; "
                       "SGD: none), e.g. 1,10,100")
+  p.add_argument("--lrs", default=None,
+                 help="comma-separated absolute learning rates, the same for every method "
+                      "(instead of --lr-grid)")
+  p.add_argument("--dampings", default=None,
+                 help="comma-separated absolute dampings for every method that has one "
+                      "(instead of --damping-grid)")
+  p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                 help="hyperparameter for every method that accepts it, e.g. kl_clip=0.01 "
+                      "(repeatable; numbers, true/false or none)")
   p.add_argument("--hidden", default=None,
                  help="autoencoder encoder sizes, e.g. 256,128,64,16")
   p.add_argument("--train-subset", type=int, default=None,
@@ -76,6 +88,40 @@ def _csv_numbers(text: Optional[str], kind=float) -> Optional[List]:
   if text is None:
     return None
   return [kind(v) for v in text.split(",") if v.strip()]
+
+
+def parse_settings(items: Sequence[str]) -> Dict[str, Any]:
+  """`["kl_clip=0.01", "momentum=0.5"]` -> `{"kl_clip": 0.01, "momentum": 0.5}`."""
+  settings = {}
+  for item in items:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+      raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+      value = None
+    elif lowered in ("true", "false"):
+      value = lowered == "true"
+    else:
+      try:
+        value = int(text) if re.fullmatch(r"[+-]?\d+", text.strip()) else float(text)
+      except ValueError:
+        value = text.strip()
+    settings[key.strip()] = value
+  return settings
+
+
+def method_grid(method: methods_lib.Method, args: argparse.Namespace):
+  """`(learning rates, dampings)` this method runs at (`[None]`: it has no damping)."""
+  if args.lrs:
+    lrs = _csv_numbers(args.lrs)
+  else:
+    lrs = [method.learning_rate * m for m in (_csv_numbers(args.lr_grid) or [1.0])]
+  if method.damping_key is None:
+    return lrs, [None]
+  if args.dampings:
+    return lrs, _csv_numbers(args.dampings)
+  return lrs, [method.damping * m for m in (_csv_numbers(args.damping_grid) or [1.0])]
 
 
 def select_methods(names: Optional[str]) -> List[methods_lib.Method]:
@@ -202,19 +248,24 @@ def run_comparison(args: argparse.Namespace) -> Dict[str, Any]:
   output_dir = args.output_dir or os.path.join("results", f"compare_{args.task}_{args.dataset}")
   os.makedirs(output_dir, exist_ok=True)
 
+  settings = parse_settings(args.settings)
   runs, best = [], {}
   for method in selected:
     method_runs = []
-    for multiplier in grid:
-      for damping_multiplier in (damping_grid if method.damping_key else [1.0]):
-        overrides = ({} if method.damping_key is None else
-                     {method.damping_key: method.damping * damping_multiplier})
+    taken = {k: v for k, v in settings.items() if methods_lib.accepts(method.factory, k)}
+    lrs, dampings = method_grid(method, args)
+    for lr in lrs:
+      for damping in dampings:
+        overrides = dict(taken)
+        if damping is not None:
+          overrides[method.damping_key] = damping
         run = training.train(task, dataset, method, epochs=epochs, batch_size=batch_size,
-                             learning_rate=method.learning_rate * multiplier, seed=args.seed,
+                             learning_rate=lr, seed=args.seed,
                              progress=not args.no_progress, overrides=overrides)
-        run["lr_multiplier"] = multiplier
-        run["damping_multiplier"] = damping_multiplier
-        run["damping"] = overrides.get(method.damping_key) if method.damping_key else None
+        run["lr_multiplier"] = lr / method.learning_rate
+        run["damping_multiplier"] = None if damping is None else damping / method.damping
+        run["damping"] = damping
+        run["settings"] = taken
         method_runs.append(run)
     runs.extend(method_runs)
     best[method.name] = best_run(method_runs)
@@ -223,7 +274,9 @@ def run_comparison(args: argparse.Namespace) -> Dict[str, Any]:
   table = format_table(rows, task.is_classifier)
   config = {"task": args.task, "dataset": dataset.name, "epochs": epochs,
             "batch_size": batch_size, "train_examples": int(len(dataset.x_train)),
-            "lr_grid": grid, "damping_grid": damping_grid, "seed": args.seed,
+            "lr_grid": grid, "damping_grid": damping_grid,
+            "lrs": _csv_numbers(args.lrs), "dampings": _csv_numbers(args.dampings),
+            "settings": settings, "seed": args.seed,
             "methods": [m.name for m in selected],
             "machine": _machine()}
   results = {"config": config, "summary": rows, "runs": runs}
@@ -242,10 +295,14 @@ def run_comparison(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _heading(config: Dict[str, Any]) -> str:
+  lrs = (f"lrs {config['lrs']}" if config.get("lrs")
+         else f"lr grid {config['lr_grid']}")
+  dampings = (f"dampings {config['dampings']}" if config.get("dampings")
+              else f"damping grid {config.get('damping_grid', [1.0])}")
+  settings = "".join(f", {k}={v}" for k, v in config.get("settings", {}).items())
   return (f"{config['task']} on {config['dataset']} ({config['train_examples']} examples), "
-          f"{config['epochs']} epochs, batch {config['batch_size']}, lr grid "
-          f"{config['lr_grid']}, damping grid {config.get('damping_grid', [1.0])}, seed "
-          f"{config['seed']}; {config['machine']['summary']}")
+          f"{config['epochs']} epochs, batch {config['batch_size']}, {lrs}, {dampings}"
+          f"{settings}, seed {config['seed']}; {config['machine']['summary']}")
 
 
 def _machine() -> Dict[str, Any]:

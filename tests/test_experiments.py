@@ -221,3 +221,32 @@ def test_step_time_repeats_keep_the_median_run(monkeypatch):
   result = step_time._repeated(["x"], args)
   assert result["ratio_amortized"] == 1.7
   assert result["ratio_amortized_runs"] == [1.5, 1.7, 1.9]
+
+
+def test_absolute_grids_and_settings_reach_the_methods_that_take_them(tmp_path):
+  second = "kfac" if methods.is_available("kfac") else None
+  names = "adam,sgd" + (f",{second}" if second else "")
+  results = compare.main([
+      "--methods", names, "--epochs", "1", "--batch-size", "100", "--train-subset", "200",
+      "--hidden", "8,4", "--lrs", "0.01,0.1", "--dampings", "0.5", "--set", "kl_clip=0.01",
+      "--output-dir", str(tmp_path / "abs"), "--no-progress", "--no-plots"])
+  runs = results["runs"]
+  adam = [r for r in runs if r["method"] == "adam"]
+  assert [r["learning_rate"] for r in adam] == pytest.approx([0.01, 0.1])
+  assert [r["hparams"]["eps"] for r in adam] == pytest.approx([0.5, 0.5])
+  assert all("kl_clip" not in r["hparams"] and r["settings"] == {} for r in adam)
+  sgd = [r for r in runs if r["method"] == "sgd"]
+  assert [r["damping"] for r in sgd] == [None, None]
+  if second:
+    kfac = [r for r in runs if r["method"] == second]
+    assert [r["hparams"]["kl_clip"] for r in kfac] == [0.01, 0.01]
+    assert [r["hparams"]["damping"] for r in kfac] == [0.5, 0.5]
+  assert results["config"]["settings"] == {"kl_clip": 0.01}
+  assert "kl_clip=0.01" in open(tmp_path / "abs" / "summary.md").read()
+
+
+def test_parse_settings():
+  assert compare.parse_settings(["a=1", "b=0.5", "c=none", "d=true", "e=adam"]) == {
+      "a": 1, "b": 0.5, "c": None, "d": True, "e": "adam"}
+  with pytest.raises(ValueError, match="KEY=VALUE"):
+    compare.parse_settings(["kl_clip"])
