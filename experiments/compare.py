@@ -81,6 +81,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help="default: results/compare_<task>_<dataset>")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+  p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS",
+                 help="instead of training: merge these results.json files (or folders) "
+                      "of separate runs into --output-dir")
   return p.parse_args(argv)
 
 
@@ -270,8 +273,6 @@ def run_comparison(args: argparse.Namespace) -> Dict[str, Any]:
     runs.extend(method_runs)
     best[method.name] = best_run(method_runs)
 
-  rows = summarize(best)
-  table = format_table(rows, task.is_classifier)
   config = {"task": args.task, "dataset": dataset.name, "epochs": epochs,
             "batch_size": batch_size, "train_examples": int(len(dataset.x_train)),
             "lr_grid": grid, "damping_grid": damping_grid,
@@ -279,19 +280,67 @@ def run_comparison(args: argparse.Namespace) -> Dict[str, Any]:
             "settings": settings, "seed": args.seed,
             "methods": [m.name for m in selected],
             "machine": _machine()}
+  return write_outputs(output_dir, config, runs, best, classifier=task.is_classifier,
+                       plots=not args.no_plots)
+
+
+def write_outputs(output_dir: str, config: Dict[str, Any], runs: List[Dict[str, Any]],
+                  best: Dict[str, Dict[str, Any]], *, classifier: bool,
+                  plots: bool = True) -> Dict[str, Any]:
+  """Writes results.json, curves.csv, summary.md (and plots); prints the summary table."""
+  rows = summarize(best)
+  table = format_table(rows, classifier)
   results = {"config": config, "summary": rows, "runs": runs}
   with open(os.path.join(output_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=1, default=_json_default)
   write_csv(os.path.join(output_dir, "curves.csv"), runs)
   with open(os.path.join(output_dir, "summary.md"), "w") as f:
     f.write(_heading(config) + "\n\n" + table + "\n")
-  if not args.no_plots:
-    plot(output_dir, best, f"{args.task} on {dataset.name}, batch {batch_size}",
-         task.is_classifier)
+  if plots:
+    plot(output_dir, best, f"{config['task']} on {config['dataset']}, batch "
+         f"{config['batch_size']}", classifier)
   print(_heading(config))
   print(table)
   print(f"outputs in {output_dir}")
   return results
+
+
+def merge_results(paths: Sequence[str], output_dir: str, *, plots: bool = True,
+                  note: Optional[str] = None) -> Dict[str, Any]:
+  """Merges `results.json` files of separate runs (e.g. one process per method).
+
+  Every file must come from the same task, dataset, epochs, batch size, training-set size
+  and seed. The runs are concatenated in the order given (a method that appears in several
+  files keeps the runs of the last one) and each method's best run is summarised as in a
+  single comparison.
+  """
+  loaded = [json.load(open(p if p.endswith(".json") else os.path.join(p, "results.json")))
+            for p in paths]
+  if not loaded:
+    raise ValueError("merge_results: no results given")
+  keys = ("task", "dataset", "epochs", "batch_size", "train_examples", "seed")
+  first = loaded[0]["config"]
+  for path, results in zip(paths, loaded):
+    differing = [k for k in keys if results["config"].get(k) != first.get(k)]
+    if differing:
+      raise ValueError(f"merge_results: {path} differs from {paths[0]} in "
+                       f"{', '.join(differing)}")
+  by_method: Dict[str, List[Dict[str, Any]]] = {}
+  for results in loaded:
+    fresh: Dict[str, List[Dict[str, Any]]] = {}
+    for run in results["runs"]:
+      fresh.setdefault(run["method"], []).append(run)
+    by_method.update(fresh)
+  runs = [run for method_runs in by_method.values() for run in method_runs]
+  best = {name: best_run(method_runs) for name, method_runs in by_method.items()}
+  config = dict(first, methods=list(by_method),
+                merged_from=[r["config"] for r in loaded])
+  if note:
+    config["note"] = note
+  classifier = any(math.isfinite(a) for run in runs for a in run["test_accuracy"]
+                   if isinstance(a, (int, float)))
+  os.makedirs(output_dir, exist_ok=True)
+  return write_outputs(output_dir, config, runs, best, classifier=classifier, plots=plots)
 
 
 def _heading(config: Dict[str, Any]) -> str:
@@ -321,7 +370,12 @@ def _json_default(value):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-  return run_comparison(parse_args(argv))
+  args = parse_args(argv)
+  if args.merge:
+    if not args.output_dir:
+      raise SystemExit("--merge needs --output-dir")
+    return merge_results(args.merge, args.output_dir, plots=not args.no_plots)
+  return run_comparison(args)
 
 
 if __name__ == "__main__":

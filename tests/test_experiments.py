@@ -250,3 +250,23 @@ def test_parse_settings():
       "a": 1, "b": 0.5, "c": None, "d": True, "e": "adam"}
   with pytest.raises(ValueError, match="KEY=VALUE"):
     compare.parse_settings(["kl_clip"])
+
+
+def test_merge_joins_separate_runs(tmp_path):
+  common = ["--epochs", "1", "--batch-size", "100", "--train-subset", "200", "--hidden",
+            "8,4", "--no-progress", "--no-plots"]
+  first = compare.main(["--methods", "adam", "--output-dir", str(tmp_path / "a")] + common)
+  compare.main(["--methods", "sgd", "--lr-grid", "1,3", "--output-dir", str(tmp_path / "b")]
+               + common)
+  merged = compare.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b" / "results.json"),
+                         "--output-dir", str(tmp_path / "m"), "--no-plots"])
+  assert [r["method"] for r in merged["runs"]] == ["adam", "sgd", "sgd"]
+  assert [r["method"] for r in merged["summary"]] == ["adam", "sgd"]
+  assert merged["summary"][0]["final_train_loss"] == first["summary"][0]["final_train_loss"]
+  assert merged["summary"][0]["step_time_vs_adam"] == pytest.approx(1.0)
+  assert sorted(os.listdir(tmp_path / "m")) == ["curves.csv", "results.json", "summary.md"]
+  compare.main(["--methods", "adam", "--epochs", "2", "--batch-size", "100", "--train-subset",
+                "200", "--hidden", "8,4", "--no-progress", "--no-plots", "--output-dir",
+                str(tmp_path / "c")])
+  with pytest.raises(ValueError, match="epochs"):
+    compare.merge_results([str(tmp_path / "a"), str(tmp_path / "c")], str(tmp_path / "x"))
