@@ -118,3 +118,16 @@ def test_products_follow_the_narrower_operand():
   np.testing.assert_allclose(out, np.asarray(a.astype(BF16), np.float32) @ np.ones((3, 2)))
   assert linalg.matmul(a, a.T).dtype == jnp.float32
   assert linalg.compute_dtype(a, b) == BF16
+
+
+def test_ekfac_keeps_row_major_transposes_of_bfloat16_bases_only():
+  for (_, s_low, _), (_, s_ref, _) in zip(_three_steps("ekfac", "bfloat16"),
+                                          _three_steps("ekfac", "none")):
+    for layer in s_low.layers.values():
+      np.testing.assert_array_equal(np.asarray(layer.input_basis_t, np.float32),
+                                    np.asarray(layer.input_basis, np.float32).T)
+      np.testing.assert_array_equal(np.asarray(layer.output_basis_t, np.float32),
+                                    np.asarray(layer.output_basis, np.float32).T)
+      assert layer.input_basis_t.dtype == BF16
+    for layer in s_ref.layers.values():
+      assert layer.input_basis_t.shape == layer.output_basis_t.shape == (0,)

@@ -85,6 +85,11 @@ class EigenLayerState(NamedTuple):
       before the first successful one).
     output_basis: eigenvectors of the output factor at the last refresh.
     scalings: running average of `S = E_n[(Q_inᵀ D_n Q_out)²]`, `(d_in [+1], d_out)`.
+    input_basis_t: `input_basis` transposed, stored when the bases are in a dtype narrower
+      than float32 (`preconditioner_dtype=jnp.bfloat16`), else an empty `(0,)` array:
+      XLA:CPU multiplies bfloat16 at full speed only with row-major operands, so each
+      step's four products read a stored basis in the orientation they need.
+    output_basis_t: `output_basis` transposed, likewise.
   """
 
   input_factor: Array
@@ -92,6 +97,8 @@ class EigenLayerState(NamedTuple):
   input_basis: Array
   output_basis: Array
   scalings: Array
+  input_basis_t: Array
+  output_basis_t: Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,12 +190,31 @@ def kronecker_direction(grad: Array, input_inverse: Array, output_inverse: Array
   return linalg.matmul(linalg.matmul(input_inverse, grad), output_inverse)
 
 
-def eigen_direction(grad: Array, input_basis: Array, output_basis: Array, scalings: Array,
+def eigen_direction(grad: Array, bases: Tuple[Array, ...], scalings: Array,
                     damping: Array) -> Array:
-  """`Q_in [(Q_inᵀ ∇W̄ Q_out) / (S + λ)] Q_outᵀ` (products in the bases' dtype)."""
-  projected = linalg.matmul(linalg.matmul(input_basis.T, grad), output_basis)
+  """`Q_in [(Q_inᵀ ∇W̄ Q_out) / (S + λ)] Q_outᵀ` (products in the bases' dtype).
+
+  `bases` is `(Q_in, Q_out)` or `(Q_in, Q_out, Q_inᵀ, Q_outᵀ)` with stored transposes
+  (`transposed_bases`); an empty transpose means "use `.T`".
+  """
+  input_basis, output_basis = bases[:2]
+  input_t, output_t = (bases[2:] if len(bases) == 4 and bases[2].size
+                       else (input_basis.T, output_basis.T))
+  projected = linalg.matmul(linalg.matmul(input_t, grad), output_basis)
   scaled = projected / (scalings + damping)
-  return linalg.matmul(linalg.matmul(input_basis, scaled), output_basis.T)
+  return linalg.matmul(linalg.matmul(input_basis, scaled), output_t)
+
+
+def _stores_transposes(dtype) -> bool:
+  """Whether bases of `dtype` keep transposed copies (narrower than float32)."""
+  return jnp.finfo(dtype).bits < 32
+
+
+def transposed_bases(input_basis: Array, output_basis: Array) -> Tuple[Array, Array]:
+  """`(Q_inᵀ, Q_outᵀ)` as row-major copies for narrow bases, else `(0,)` placeholders."""
+  if not _stores_transposes(input_basis.dtype):
+    return jnp.zeros((0,), input_basis.dtype), jnp.zeros((0,), output_basis.dtype)
+  return jnp.transpose(input_basis).copy(), jnp.transpose(output_basis).copy()
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,10 +230,15 @@ def _init_layer(variant: _Variant, info: layerwise.LayerInfo, preconditioner_dty
   square_in = lambda dt=dtype: jnp.zeros((d_in, d_in), dt)
   square_out = lambda dt=dtype: jnp.zeros((d_out, d_out), dt)
   if variant.eigen_corrected:
+    transposes = _stores_transposes(refreshed_dtype)
+    empty = lambda: jnp.zeros((0,), refreshed_dtype)
     return EigenLayerState(input_factor=square_in(), output_factor=square_out(),
                            input_basis=square_in(refreshed_dtype),
                            output_basis=square_out(refreshed_dtype),
-                           scalings=jnp.zeros((d_in, d_out), dtype))
+                           scalings=jnp.zeros((d_in, d_out), dtype),
+                           input_basis_t=square_in(refreshed_dtype) if transposes else empty(),
+                           output_basis_t=(square_out(refreshed_dtype) if transposes
+                                           else empty()))
   return KroneckerLayerState(input_factor=square_in(), output_factor=square_out(),
                              input_inverse=square_in(refreshed_dtype),
                              output_inverse=square_out(refreshed_dtype))
@@ -249,8 +280,11 @@ def _refresh_inverses(variant, factors, previous, damping, pi_correction):
 
 
 def _refresh_bases(factors, previous):
-  """Eigenvectors `{key: (input, output)}` of every factor, one batched `eigh` per shape."""
-  return _map_factor_pairs(lambda factor: linalg.eigh(factor)[1], factors, previous)
+  """Eigenvectors `{key: (input, output, input_t, output_t)}` of every factor, one batched
+  `eigh` per shape, with the transposes `transposed_bases` stores."""
+  pairs = {key: quad[:2] for key, quad in previous.items()}
+  bases, failures = _map_factor_pairs(lambda factor: linalg.eigh(factor)[1], factors, pairs)
+  return {key: (*pair, *transposed_bases(*pair)) for key, pair in bases.items()}, failures
 
 
 def _update_scalings(views, bases, scalings, decay, first):
@@ -258,7 +292,7 @@ def _update_scalings(views, bases, scalings, decay, first):
   new_scalings = {}
   for key, old in scalings.items():
     a, g = views[key](old.dtype)
-    batch_scalings = eigen_scalings(a, g, *bases[key])
+    batch_scalings = eigen_scalings(a, g, *bases[key][:2])
     new_scalings[key] = running_average(old, batch_scalings, decay, first)
   return new_scalings
 
@@ -292,17 +326,19 @@ def _make_update_layers(variant: _Variant, *, damping, stats_decay, stats_every,
         stats_due, lambda: _update_factors(variant, views, old_factors, decay, first),
         old_factors)
     if variant.eigen_corrected:
-      old_bases = _pairs(layer_states, "input_basis", "output_basis")
+      old_bases = {key: (s.input_basis, s.output_basis, s.input_basis_t, s.output_basis_t)
+                   for key, s in layer_states.items()}
       bases, failures = refresh(inverse_due, lambda: _refresh_bases(factors, old_bases),
                                 (old_bases, no_failures))
       old_scalings = {key: s.scalings for key, s in layer_states.items()}
       scalings = refresh_statistics(
           stats_due | inverse_due,
           lambda: _update_scalings(views, bases, old_scalings, decay, first), old_scalings)
-      states = {key: EigenLayerState(*factors[key], *bases[key], scalings[key])
+      states = {key: EigenLayerState(*factors[key], *bases[key][:2], scalings[key],
+                                     *bases[key][2:])
                 for key in layer_states}
       directions = {
-          key: eigen_direction(grad_mats[key], *bases[key], scalings[key],
+          key: eigen_direction(grad_mats[key], bases[key], scalings[key],
                                damping_value.astype(scalings[key].dtype))
           for key in layer_states}
     else:
