@@ -305,8 +305,8 @@ def write_outputs(output_dir: str, config: Dict[str, Any], runs: List[Dict[str, 
   return results
 
 
-def merge_results(paths: Sequence[str], output_dir: str, *, plots: bool = True,
-                  note: Optional[str] = None) -> Dict[str, Any]:
+def merge_results(paths: Sequence[str], output_dir: str, *,
+                  plots: bool = True) -> Dict[str, Any]:
   """Merges `results.json` files of separate runs (e.g. one process per method).
 
   Every file must come from the same task, dataset, epochs, batch size, training-set size
@@ -335,8 +335,6 @@ def merge_results(paths: Sequence[str], output_dir: str, *, plots: bool = True,
   best = {name: best_run(method_runs) for name, method_runs in by_method.items()}
   config = dict(first, methods=list(by_method),
                 merged_from=[r["config"] for r in loaded])
-  if note:
-    config["note"] = note
   classifier = any(math.isfinite(a) for run in runs for a in run["test_accuracy"]
                    if isinstance(a, (int, float)))
   os.makedirs(output_dir, exist_ok=True)

@@ -190,31 +190,27 @@ def kronecker_direction(grad: Array, input_inverse: Array, output_inverse: Array
   return linalg.matmul(linalg.matmul(input_inverse, grad), output_inverse)
 
 
-def eigen_direction(grad: Array, bases: Tuple[Array, ...], scalings: Array,
+def eigen_direction(grad: Array, bases: Tuple[Array, Array, Array, Array], scalings: Array,
                     damping: Array) -> Array:
   """`Q_in [(Q_inᵀ ∇W̄ Q_out) / (S + λ)] Q_outᵀ` (products in the bases' dtype).
 
-  `bases` is `(Q_in, Q_out)` or `(Q_in, Q_out, Q_inᵀ, Q_outᵀ)` with stored transposes
-  (`transposed_bases`); an empty transpose means "use `.T`".
+  `bases` is `(Q_in, Q_out, Q_inᵀ, Q_outᵀ)` as `transposed_bases` stores them; empty
+  transposes (float32 bases) mean "use `.T`".
   """
-  input_basis, output_basis = bases[:2]
-  input_t, output_t = (bases[2:] if len(bases) == 4 and bases[2].size
-                       else (input_basis.T, output_basis.T))
+  input_basis, output_basis, input_t, output_t = bases
+  if not input_t.size:
+    input_t, output_t = input_basis.T, output_basis.T
   projected = linalg.matmul(linalg.matmul(input_t, grad), output_basis)
   scaled = projected / (scalings + damping)
   return linalg.matmul(linalg.matmul(input_basis, scaled), output_t)
 
 
-def _stores_transposes(dtype) -> bool:
-  """Whether bases of `dtype` keep transposed copies (narrower than float32)."""
-  return jnp.finfo(dtype).bits < 32
-
-
 def transposed_bases(input_basis: Array, output_basis: Array) -> Tuple[Array, Array]:
-  """`(Q_inᵀ, Q_outᵀ)` as row-major copies for narrow bases, else `(0,)` placeholders."""
-  if not _stores_transposes(input_basis.dtype):
+  """`(Q_inᵀ, Q_outᵀ)` as row-major copies for bases narrower than float32, else `(0,)`
+  placeholders."""
+  if jnp.finfo(input_basis.dtype).bits >= 32:
     return jnp.zeros((0,), input_basis.dtype), jnp.zeros((0,), output_basis.dtype)
-  return jnp.transpose(input_basis).copy(), jnp.transpose(output_basis).copy()
+  return jnp.transpose(input_basis), jnp.transpose(output_basis)
 
 
 # ---------------------------------------------------------------------------------------
@@ -230,15 +226,12 @@ def _init_layer(variant: _Variant, info: layerwise.LayerInfo, preconditioner_dty
   square_in = lambda dt=dtype: jnp.zeros((d_in, d_in), dt)
   square_out = lambda dt=dtype: jnp.zeros((d_out, d_out), dt)
   if variant.eigen_corrected:
-    transposes = _stores_transposes(refreshed_dtype)
-    empty = lambda: jnp.zeros((0,), refreshed_dtype)
+    input_basis, output_basis = square_in(refreshed_dtype), square_out(refreshed_dtype)
+    input_t, output_t = transposed_bases(input_basis, output_basis)
     return EigenLayerState(input_factor=square_in(), output_factor=square_out(),
-                           input_basis=square_in(refreshed_dtype),
-                           output_basis=square_out(refreshed_dtype),
+                           input_basis=input_basis, output_basis=output_basis,
                            scalings=jnp.zeros((d_in, d_out), dtype),
-                           input_basis_t=square_in(refreshed_dtype) if transposes else empty(),
-                           output_basis_t=(square_out(refreshed_dtype) if transposes
-                                           else empty()))
+                           input_basis_t=input_t, output_basis_t=output_t)
   return KroneckerLayerState(input_factor=square_in(), output_factor=square_out(),
                              input_inverse=square_in(refreshed_dtype),
                              output_inverse=square_out(refreshed_dtype))
