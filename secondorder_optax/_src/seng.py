@@ -467,7 +467,6 @@ def scale_by_seng(
     if missing:
       raise ValueError(f"{_METHOD}: sequence_layers names paths that are not preconditioned "
                        f"layers: {sorted(base.path_to_str(p) for p in missing)}")
-    selected = {}
     for key, layer_stats in stats.items():
       plan = states[key].plan
       if plan.kind == "hadamard" and patches.num_locations(layer_stats) != 1:
@@ -475,12 +474,19 @@ def scale_by_seng(
             f"{_METHOD}: dense layer {key} runs at {patches.num_locations(layer_stats)} "
             f"locations per example; list it in sequence_layers=[...] so that it uses the "
             f"convolution paths")
-      selected[key] = _select_examples(layer_stats, plan, key)
+      _select_examples(layer_stats, plan, key)  # Checks the batch before tracing the refresh.
     lam = base.hyperparameter_value(damping, count)
     rng = jax.random.fold_in(jax.random.key(seed), count)
+
+    def refreshed():
+      # The example selection is traced inside the refresh branch: steps without a refresh
+      # never slice the captured activations.
+      selected = {key: _select_examples(layer_stats, states[key].plan, key)
+                  for key, layer_stats in stats.items()}
+      return _refresh_layers(selected, states, lam, rng)
+
     new_states, failures = base.refresh(
-        base.is_due(count, inverse_every) & active,
-        lambda: _refresh_layers(selected, states, lam, rng),
+        base.is_due(count, inverse_every) & active, refreshed,
         (states, jnp.zeros((), jnp.int32)))
     directions = {key: _direction(new_states[key], grads[key]) for key in grads}
     return directions, new_states, failures
