@@ -201,6 +201,35 @@ def test_subsample_and_sequence_layers():
     assert models.relative_error(_direction(updates, path, has_bias), expected) < TOL
 
 
+def _eqns_outside_cond(jaxpr):
+  """Every equation of `jaxpr` and its nested calls, except inside `cond` branches."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    if eqn.primitive.name == "cond":
+      continue
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        yield from _eqns_outside_cond(inner)
+
+
+def test_subsample_slices_examples_only_inside_refresh():
+  """The first `subsample` examples are cut out of the captured activations inside the
+  refresh branch: a step without a refresh must not pay for the slices."""
+  model, params, x, y, family = models.mlp_problem(batch=12, seed=6, loss="squared")
+  _, grads, curvature = _capture(model, params, x, y, family)
+  tx = soo.scale_by_seng(damping=0.1, subsample=5)
+  state = tx.init(params)
+  jaxpr = jax.make_jaxpr(lambda g, s, c: tx.update(g, s, params, curvature=c))(
+      grads, state, curvature)
+  leading = lambda v: getattr(getattr(v, "aval", None), "shape", ())[:1]
+  slices = [eqn for eqn in _eqns_outside_cond(jaxpr.jaxpr)
+            if eqn.primitive.name in ("slice", "dynamic_slice", "gather")
+            and any(leading(v) == (12,) for v in eqn.invars)
+            and any(leading(v) == (5,) for v in eqn.outvars)]
+  assert not slices, slices
+
+
 def test_errors_describe_and_failed_refresh():
   model, params, x, y, family = models.mlp_problem(batch=12, seed=7)
   _, grads, curvature = _capture(model, params, x, y, family)

@@ -248,22 +248,25 @@ def _describe_plan(plan: SengPlan) -> str:
 # Refresh: factors, (sketched) Gram, inverse.
 
 
-def _select_examples(stats: LayerStats, plan: SengPlan, key: str) -> LayerStats:
-  """The first k examples (checks the batch against the plan)."""
+def _check_examples(stats: LayerStats, plan: SengPlan, key: str) -> None:
+  """Clear errors for a batch that does not fit the plan (shapes only)."""
   n, k = stats.batch_size, plan.examples
-  if plan.subsample:
-    if n < k:
-      raise ValueError(f"{_METHOD}: subsample={k} but curvature for layer {key} has only "
-                       f"{n} examples")
-    if n == k:
-      return stats
-    return stats.replace(inputs=stats.inputs[:k], output_grads=stats.output_grads[:k])
-  if n != k:
+  if plan.subsample and n < k:
+    raise ValueError(f"{_METHOD}: subsample={k} but curvature for layer {key} has only "
+                     f"{n} examples")
+  if not plan.subsample and n != k:
     raise ValueError(
         f"{_METHOD} was initialised for batch_size={k} curvature examples but curvature for "
         f"layer {key} has {n}; pass the batch size the optimizer will see (or "
         f"subsample=k to use the first k examples of any batch of at least k)")
-  return stats
+
+
+def _select_examples(stats: LayerStats, plan: SengPlan) -> LayerStats:
+  """The first k examples (a checked batch)."""
+  k = plan.examples
+  if stats.batch_size == k:
+    return stats
+  return stats.replace(inputs=stats.inputs[:k], output_grads=stats.output_grads[:k])
 
 
 def _sample(key: Array, dim: int, size: int) -> Array:
@@ -474,14 +477,14 @@ def scale_by_seng(
             f"{_METHOD}: dense layer {key} runs at {patches.num_locations(layer_stats)} "
             f"locations per example; list it in sequence_layers=[...] so that it uses the "
             f"convolution paths")
-      _select_examples(layer_stats, plan, key)  # Checks the batch before tracing the refresh.
+      _check_examples(layer_stats, plan, key)
     lam = base.hyperparameter_value(damping, count)
     rng = jax.random.fold_in(jax.random.key(seed), count)
 
     def refreshed():
       # The example selection is traced inside the refresh branch: steps without a refresh
       # never slice the captured activations.
-      selected = {key: _select_examples(layer_stats, states[key].plan, key)
+      selected = {key: _select_examples(layer_stats, states[key].plan)
                   for key, layer_stats in stats.items()}
       return _refresh_layers(selected, states, lam, rng)
 
