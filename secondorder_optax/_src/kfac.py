@@ -290,10 +290,9 @@ def _update_scalings(views, bases, scalings, decay, first):
   return new_scalings
 
 
-def _pairs(layer_states, input_field: str, output_field: str):
-  """`{key: (state.<input_field>, state.<output_field>)}` over the layers."""
-  return {key: (getattr(s, input_field), getattr(s, output_field))
-          for key, s in layer_states.items()}
+def _fields(layer_states, *names: str):
+  """`{key: (state.<name>, ...)}` over the layers, one tuple entry per name."""
+  return {key: tuple(getattr(s, name) for name in names) for key, s in layer_states.items()}
 
 
 def _make_update_layers(variant: _Variant, *, damping, stats_decay, stats_every,
@@ -314,28 +313,31 @@ def _make_update_layers(variant: _Variant, *, damping, stats_decay, stats_every,
     no_failures = jnp.zeros((), jnp.int32)
     # Each refresh passes only what it changes through its `lax.cond` (a pass-through
     # output is a copy at every step without a refresh).
-    old_factors = _pairs(layer_states, "input_factor", "output_factor")
+    old_factors = _fields(layer_states, "input_factor", "output_factor")
     factors = refresh_statistics(
         stats_due, lambda: _update_factors(variant, views, old_factors, decay, first),
         old_factors)
     if variant.eigen_corrected:
-      old_bases = {key: (s.input_basis, s.output_basis, s.input_basis_t, s.output_basis_t)
-                   for key, s in layer_states.items()}
+      old_bases = _fields(layer_states, "input_basis", "output_basis", "input_basis_t",
+                          "output_basis_t")
       bases, failures = refresh(inverse_due, lambda: _refresh_bases(factors, old_bases),
                                 (old_bases, no_failures))
       old_scalings = {key: s.scalings for key, s in layer_states.items()}
       scalings = refresh_statistics(
           stats_due | inverse_due,
           lambda: _update_scalings(views, bases, old_scalings, decay, first), old_scalings)
-      states = {key: EigenLayerState(*factors[key], *bases[key][:2], scalings[key],
-                                     *bases[key][2:])
-                for key in layer_states}
+      states = {}
+      for key in layer_states:
+        input_basis, output_basis, input_t, output_t = bases[key]
+        states[key] = EigenLayerState(
+            *factors[key], input_basis=input_basis, output_basis=output_basis,
+            scalings=scalings[key], input_basis_t=input_t, output_basis_t=output_t)
       directions = {
           key: eigen_direction(grad_mats[key], bases[key], scalings[key],
                                damping_value.astype(scalings[key].dtype))
           for key in layer_states}
     else:
-      old_inverses = _pairs(layer_states, "input_inverse", "output_inverse")
+      old_inverses = _fields(layer_states, "input_inverse", "output_inverse")
       inverses, failures = refresh(
           inverse_due,
           lambda: _refresh_inverses(variant, factors, old_inverses, damping_value,
