@@ -12,19 +12,18 @@ from secondorder_optax._src.base import ConvConfig, Curvature, LayerStats
 from secondorder_optax._src.capture.linen import linen_curvature
 from secondorder_optax._src.describe import describe
 from secondorder_optax._src.kl_clip import KLClipState, clip_by_kl
-from secondorder_optax._src.layerwise import LayerwiseState
+from secondorder_optax._src.engine import PreconditionerState
 # -- nnx exports (issue 2, nnx) --
 from secondorder_optax._src.capture.nnx import nnx_curvature
 # -- kfac exports (issue 3) --
-from secondorder_optax._src.kfac import (EigenLayerState, KroneckerLayerState, ekfac, kfac,
-                                         scale_by_ekfac, scale_by_kfac, scale_by_tekfac,
-                                         scale_by_tkfac, tekfac, tkfac)
+from secondorder_optax._src.kfac import (EigenBases, KroneckerFactors, KroneckerInverses,
+                                         ekfac, kfac, scale_by_ekfac, scale_by_kfac,
+                                         scale_by_tekfac, scale_by_tkfac, tekfac, tkfac)
 # -- tnt/shampoo exports (issue 4) --
-from secondorder_optax._src.shampoo import ShampooState, scale_by_shampoo, shampoo
-from secondorder_optax._src.tnt import TNTState, scale_by_tnt, tnt
+from secondorder_optax._src.shampoo import GraftState, scale_by_shampoo, shampoo
+from secondorder_optax._src.tnt import scale_by_tnt, tnt
 # -- mbf exports (issue 5) --
-from secondorder_optax._src.mbf import (MBFLayerState, MBFPartition, MiniBlocks, RowBlocks,
-                                       mbf, scale_by_mbf)
+from secondorder_optax._src.mbf import MBFPartition, MiniBlocks, RowBlocks, mbf, scale_by_mbf
 # -- seng exports (issue 6) --
 from secondorder_optax._src.seng import (ExplicitFactors, OuterProductFactors, SengLayerState,
                                         SengPlan, scale_by_seng, seng)
@@ -36,7 +35,7 @@ __all__ = [
     "Curvature",
     "KLClipState",
     "LayerStats",
-    "LayerwiseState",
+    "PreconditionerState",
     "build_optimizer",
     "clip_by_kl",
     "describe",
@@ -45,8 +44,9 @@ __all__ = [
     # -- nnx names (issue 2, nnx) --
     "nnx_curvature",
     # -- kfac names (issue 3) --
-    "EigenLayerState",
-    "KroneckerLayerState",
+    "EigenBases",
+    "KroneckerFactors",
+    "KroneckerInverses",
     "ekfac",
     "kfac",
     "scale_by_ekfac",
@@ -56,14 +56,12 @@ __all__ = [
     "tekfac",
     "tkfac",
     # -- tnt/shampoo names (issue 4) --
-    "ShampooState",
-    "TNTState",
+    "GraftState",
     "scale_by_shampoo",
     "scale_by_tnt",
     "shampoo",
     "tnt",
     # -- mbf names (issue 5) --
-    "MBFLayerState",
     "MBFPartition",
     "MiniBlocks",
     "RowBlocks",

@@ -9,8 +9,6 @@ gradient, and bf16 parameters. Each check asserts; a failing method fails its te
 
 from __future__ import annotations
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,8 +40,9 @@ def _make_step(tx, curv_fn, pass_curvature, donate=False):
   return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
-def check_jit_convergence(factory, *, steps=30, pass_curvature=True, **hparams):
-  params, x, y, curv_fn = _problem()
+def check_jit_convergence(factory, *, steps=30, pass_curvature=True, capture_fisher="sampled",
+                          **hparams):
+  params, x, y, curv_fn = _problem(capture_fisher)
   tx = factory(**hparams)
   state = tx.init(params)  # Eager init, then a step that donates params and state (the
   step = _make_step(tx, curv_fn, pass_curvature, donate=True)  # usual training loop).
@@ -59,9 +58,10 @@ def check_jit_convergence(factory, *, steps=30, pass_curvature=True, **hparams):
   return losses
 
 
-def check_chain_and_inject(scale_by, full_factory, *, learning_rate, damping, **hparams):
+def check_chain_and_inject(scale_by, full_factory, *, learning_rate, damping,
+                           capture_fisher="sampled", **hparams):
   """`optax.chain(clip, scale_by_<m>, scale)` and `inject_hyperparams(<m>)` both train."""
-  params, x, y, curv_fn = _problem()
+  params, x, y, curv_fn = _problem(capture_fisher)
   chained = optax.chain(optax.clip_by_global_norm(10.0), scale_by(damping=damping, **hparams),
                         optax.scale(-learning_rate))
   state = chained.init(params)
@@ -71,11 +71,9 @@ def check_chain_and_inject(scale_by, full_factory, *, learning_rate, damping, **
     p, state, _ = step(p, state, x, y, jax.random.key(i))
   assert all(np.all(np.isfinite(l)) for l in jax.tree.leaves(p))
 
-  # Integer hyperparameters (refresh periods, block sizes) are structural: keep them static.
-  given = dict(hparams, learning_rate=learning_rate, damping=damping)
-  static = tuple(name for name, p in inspect.signature(full_factory).parameters.items()
-                 if _is_int(given.get(name, p.default)))
-  injected = optax.inject_hyperparams(full_factory, static_args=static)(
+  # The same way for every method: no static_args (structural integers are read from the
+  # state where they are traced).
+  injected = optax.inject_hyperparams(full_factory)(
       learning_rate=learning_rate, damping=damping, **hparams)
   state = injected.init(params)
   step = _make_step(injected, curv_fn, True)
@@ -92,18 +90,14 @@ def check_chain_and_inject(scale_by, full_factory, *, learning_rate, damping, **
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def _is_int(value):
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _set_hyperparam(state, name, value):
   old = state.hyperparams[name]
   state.hyperparams[name] = jnp.asarray(value, dtype=old.dtype)
 
 
-def check_multisteps_and_nonfinite(factory, **hparams):
+def check_multisteps_and_nonfinite(factory, capture_fisher="sampled", **hparams):
   """`MultiSteps` accumulates; a NaN gradient leaves params and state untouched."""
-  params, x, y, curv_fn = _problem()
+  params, x, y, curv_fn = _problem(capture_fisher)
   multi = optax.MultiSteps(factory(**hparams), every_k_schedule=2)
   state = multi.init(params)
   step = _make_step(multi, curv_fn, True)
@@ -140,9 +134,9 @@ def check_multisteps_and_nonfinite(factory, **hparams):
       assert np.all(np.isfinite(a)), "NaN statistics leaked into the optimizer state"
 
 
-def check_bf16(factory, **hparams):
+def check_bf16(factory, capture_fisher="sampled", **hparams):
   """bf16 parameters: updates come back in bf16 and stay finite."""
-  params, x, y, curv_fn = _problem()
+  params, x, y, curv_fn = _problem(capture_fisher)
   params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
   tx = factory(**hparams)
   state = tx.init(params)
@@ -154,8 +148,8 @@ def check_bf16(factory, **hparams):
     assert np.all(np.isfinite(np.asarray(u, np.float32)))
 
 
-def check_missing_curvature(factory, method_name, **hparams):
-  params, x, y, curv_fn = _problem()
+def check_missing_curvature(factory, method_name, capture_fisher="sampled", **hparams):
+  params, x, y, curv_fn = _problem(capture_fisher)
   tx = factory(**hparams)
   state = tx.init(params)
   _, grads, _ = curv_fn(params, x, y, jax.random.key(0))

@@ -1,6 +1,8 @@
 """`soo.nnx_curvature`: exact per-example statistics for NNX models, and NNX usability of the
 layer-wise transformations (`nnx.Optimizer`)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from flax import nnx
 
 import secondorder_optax as soo
-from secondorder_optax._src import layerwise, patches
+from secondorder_optax._src import engine, layerwise, patches
 from secondorder_optax._src.capture import nnx as nnx_capture
 from secondorder_optax._src.capture.common import UnsupportedLayerError
 from tests import models, nnx_models
@@ -230,19 +232,28 @@ def test_clear_errors_and_skip_unsupported():
   assert nnx_capture._PATCH_DEPTH[0] == 0 and nnx_capture._active() is None
 
 
-def scale_by_dummy(*, damping=1.0):
-  """A minimal layer-wise method: direction = gradient / (1 + damping) on every layer."""
-  def init_layer(info):
-    return {"acc": jnp.zeros(info.matrix_shape, jnp.float32)}
+@dataclasses.dataclass(frozen=True)
+class _Dummy(engine.Algorithm):
+  """A minimal layer-wise method on the engine: direction = gradient / (1 + damping)."""
 
-  def update_layers(infos, grad_mats, stats, states, count, active):
-    del infos, stats, count
-    return ({k: g / (1.0 + damping) for k, g in grad_mats.items()},
-            {k: {"acc": jnp.where(active, states[k]["acc"] + grad_mats[k], states[k]["acc"])}
-             for k in grad_mats},
-            jnp.zeros((), jnp.int32))
-  return layerwise.layerwise_transformation("dummy", init_layer=init_layer,
-                                            update_layers=update_layers)
+  name = "dummy"
+
+  def init_preconditioner(self, info):
+    return jnp.ones((), jnp.float32)
+
+  def refresh(self, info, statistics, previous, damping, data):
+    return {"scale": 1.0 / (1.0 + damping)}, lambda solved: solved["scale"]
+
+  def solve(self, block):
+    return block
+
+  def apply(self, info, scale, statistics, grad, damping):
+    return grad * scale
+
+
+def scale_by_dummy(*, damping=1.0):
+  return layerwise.layer_transformation(_Dummy(), damping=damping, stats_decay=0.0,
+                                        stats_every=1, inverse_every=1)
 
 
 def _train_step(curv_fn):

@@ -104,6 +104,12 @@ def reference_matrix(method, layer, layer_state, damping):
   return matrix
 
 
+def _layer_state(state, key):
+  """A layer's statistics and preconditioner fields in one namespace."""
+  return type("LayerState", (), {**state.statistics[key]._asdict(),
+                                 **state.preconditioner[key]._asdict()})
+
+
 def dense_direction(matrix, grad):
   return np.linalg.solve(matrix, grad.reshape(-1)).reshape(grad.shape)
 
@@ -170,7 +176,7 @@ def test_direction_is_dense_solve_of_approximation(method, problem):
   direction, state = results[method]
   assert int(state.count) == 1 and int(state.failures) == 0
   for path, layer in layers.items():
-    layer_state = state.layers[path_to_str(path)]
+    layer_state = _layer_state(state, path_to_str(path))
     expected = dense_direction(reference_matrix(method, layer, layer_state, DAMPING),
                                layer["grad"])
     got = models.grad_matrix(direction, path, layer["has_bias"])
@@ -185,7 +191,7 @@ def test_tkfac_trace_is_exact_block_trace(problem):
   for path, layer in layers.items():
     if layer["a"].shape[1] != 1:
       continue  # conv layers: δ is the trace of the spatially uncorrelated (KFC) block.
-    layer_state = state.layers[path_to_str(path)]
+    layer_state = _layer_state(state, path_to_str(path))
     delta = float(jnp.trace(layer_state.input_factor))
     phi = np.asarray(layer_state.input_factor, np.float64) / delta
     psi = np.asarray(layer_state.output_factor, np.float64) / delta
@@ -268,7 +274,7 @@ def test_ekfac_running_averages_and_stale_basis():
   grads = batches[1][1]
   for path, (a0, g0) in views[0].items():
     a1, g1 = views[1][path]
-    layer_state = state.layers[path_to_str(path)]
+    layer_state = _layer_state(state, path_to_str(path))
     factors = [(np.einsum("btd,bte->de", a, a) / len(a), np.einsum("btd,bte->de", g, g) / len(g))
                for a, g in ((a0, g0), (a1, g1))]
     averaged_in = decay * factors[0][0] + (1 - decay) * factors[1][0]
@@ -305,10 +311,10 @@ def test_failed_inverse_keeps_previous_and_counts():
   _, grads, curvature = curv_fn(params, jnp.zeros_like(x), y)
   direction, second = step(grads, first, curvature)
   assert int(first.failures) == 0 and int(second.failures) >= 1
-  np.testing.assert_array_equal(second.layers["Dense_0"].input_inverse,
-                                first.layers["Dense_0"].input_inverse)
-  assert not np.allclose(second.layers["Dense_0"].input_factor,
-                         first.layers["Dense_0"].input_factor)
+  np.testing.assert_array_equal(second.preconditioner["Dense_0"].input_inverse,
+                                first.preconditioner["Dense_0"].input_inverse)
+  assert not np.allclose(second.statistics["Dense_0"].input_factor,
+                         first.statistics["Dense_0"].input_factor)
   for leaf in jax.tree.leaves((direction, second)):
     assert np.all(np.isfinite(np.asarray(leaf)))
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from secondorder_optax._src import base, linalg
+from secondorder_optax._src import base, engine, linalg
 
 
 def _spd(key, n, d):
@@ -28,35 +28,38 @@ def test_damped_inverse_solve_and_roots_match_numpy():
   np.testing.assert_array_equal(values, np.zeros(3))
 
 
-def test_bucketed_groups_by_shape_and_keeps_previous_on_nonfinite():
+def test_solve_blocks_groups_by_block_shape():
   calls = []
 
-  def fn(m):
+  def solve(m):
     calls.append(m.shape)
     return linalg.damped_inverse(m, 1.0)
 
-  items = {"a": jnp.eye(2), "b": 2 * jnp.eye(2), "c": jnp.eye(3), "d": jnp.full((2, 2), jnp.nan)}
-  out = linalg.bucketed(fn, items)
-  assert len(calls) == 2  # one traced (vmapped) call per shape
+  blocks = {"a": jnp.eye(2), "b": 2 * jnp.eye(2), "c": jnp.eye(3),
+            "stack": engine.Stacked(jnp.stack([3 * jnp.eye(2)] * 4))}
+  out = engine.solve_blocks(solve, blocks)
+  assert len(calls) == 2  # one traced (vmapped) call per block shape, stacks joined in
   np.testing.assert_allclose(out["b"], np.eye(2) / 3, rtol=1e-6)
   np.testing.assert_allclose(out["c"], np.eye(3) / 2, rtol=1e-6)
-  previous = {k: jnp.zeros_like(v) for k, v in items.items()}
-  kept, failures = linalg.bucketed_keep_finite(
-      lambda m: linalg.damped_inverse(m, 1.0), items, previous)
-  assert int(failures) == 1
-  np.testing.assert_array_equal(kept["d"], np.zeros((2, 2)))
-  np.testing.assert_allclose(kept["a"], np.eye(2) / 2, rtol=1e-6)
+  assert out["stack"].shape == (4, 2, 2)
+  np.testing.assert_allclose(out["stack"], np.stack([np.eye(2) / 4] * 4), rtol=1e-6)
+
+
+def test_checked_inverse_rejects_near_singular_results():
+  singular = jnp.asarray([[1.0, 1.0], [1.0, 1.0 + 1e-7]])
+  assert not np.all(np.isfinite(np.asarray(linalg.checked_damped_inverse(singular, 0.0))))
+  np.testing.assert_allclose(linalg.checked_damped_inverse(singular, 1.0),
+                             np.linalg.inv(np.asarray(singular, np.float64) + np.eye(2)),
+                             rtol=1e-5)
 
 
 def test_schedules():
   count = jnp.asarray(0)
-  assert bool(base.is_due(count, 5)) and not bool(base.is_due(jnp.asarray(3), 5))
+  assert bool(engine.is_due(count, 5)) and not bool(engine.is_due(jnp.asarray(3), 5))
   first = base.running_average(jnp.ones(2), 3 * jnp.ones(2), 0.9, first=jnp.asarray(True))
   np.testing.assert_allclose(first, [3.0, 3.0])
   later = base.running_average(jnp.ones(2), 3 * jnp.ones(2), 0.9, first=jnp.asarray(False))
   np.testing.assert_allclose(later, [1.2, 1.2], rtol=1e-6)
-  out = jax.jit(lambda due: base.refresh(due, lambda: jnp.ones(()), jnp.zeros(())))(False)
-  assert float(out) == 0.0
   assert float(base.hyperparameter_value(lambda c: c * 2.0, jnp.asarray(3))) == 6.0
 
 

@@ -125,7 +125,7 @@ def test_dense_direction_equals_block_diagonal_solve_with_override():
   expected = expected_directions(model, params, x, y, family,
                                  mlp_blocks(params, 4, {"Dense_2": row_blocks}), grads=grads)
   assert_directions(updates, expected)
-  groups = {k: {g: v.shape for g, v in s.inverses.items()} for k, s in state.layers.items()}
+  groups = {k: {g: v.shape for g, v in s.items()} for k, s in state.preconditioner.items()}
   assert groups == {
       "Dense_0": {"chunks": (6, 4, 4), "bias": (6, 1, 1)},
       "Dense_1": {"chunks": (5, 4, 4), "last_chunk": (5, 2, 2)},
@@ -144,7 +144,7 @@ def test_large_block_size_gives_one_block_per_unit():
                                                  mlp_blocks(params, 7), grads=grads))
   for key, d_in, d_out, bias in (("Dense_0", 4, 6, True), ("Dense_1", 6, 5, False),
                                  ("Dense_2", 5, 3, True)):
-    shapes = {g: v.shape for g, v in state.layers[key].inverses.items()}
+    shapes = {g: v.shape for g, v in state.preconditioner[key].items()}
     want = {"last_chunk": (d_out, d_in, d_in)}
     if bias:
       want["bias"] = (d_out, 1, 1)
@@ -163,8 +163,8 @@ def test_conv_direction_equals_block_diagonal_solve():
   blocks_of[("Dense_0",)] = dense_chunk_blocks(shape[0], shape[1], 16, has_bias)
   assert_directions(updates, expected_directions(model, params, x, y, family, blocks_of,
                                                  grads=grads))
-  assert state.layers["Conv_1"].inverses["spatial"].shape == (3 * 4, 6, 6)
-  assert state.layers["Dense_0"].inverses["last_chunk"].shape == (3, 8, 8)
+  assert state.preconditioner["Conv_1"]["spatial"].shape == (3 * 4, 6, 6)
+  assert state.preconditioner["Dense_0"]["last_chunk"].shape == (3, 8, 8)
 
 
 class SequenceMLP(nn.Module):
@@ -285,11 +285,14 @@ def test_fisher_choice_and_errors():
 
 
 def test_failed_inversion_keeps_previous_and_counts():
-  """A negative damping makes blocks indefinite: Cholesky fails, nothing non-finite is kept."""
+  """A (scheduled) negative damping fails every layer's refresh: the identity is kept."""
   model, params, x, y, family = models.mlp_problem(batch=8)
   grads, curvature = capture(model, family, params, x, y)
-  updates, state = one_step(soo.scale_by_mbf(damping=-10.0), params, curvature, grads)
-  assert int(state.failures) > 0
+  updates, state = one_step(soo.scale_by_mbf(damping=lambda count: -10.0), params, curvature,
+                            grads)
+  assert int(state.failures) == len(state.preconditioner)
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
   for leaf in jax.tree.leaves((updates, state)):
     assert np.all(np.isfinite(np.asarray(leaf)))
 

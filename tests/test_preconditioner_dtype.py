@@ -20,16 +20,17 @@ from tests import models
 
 BF16 = jnp.bfloat16
 # Which state fields hold the refreshed preconditioner, per method.
+# Which state fields hold the refreshed preconditioner, per method ("*": all of it).
 REFRESHED = {
     "kfac": ("input_inverse", "output_inverse"),
     "ekfac": ("input_basis", "output_basis"),
-    "mbf": ("inverses",),
-    "tnt": ("inverses",),
-    "shampoo": ("roots",),
+    "mbf": ("*",),
+    "tnt": ("*",),
+    "shampoo": ("*",),
 }
 STATISTICS = {"kfac": ("input_factor", "output_factor"),
               "ekfac": ("input_factor", "output_factor", "scalings"),
-              "mbf": ("statistics",), "tnt": ("statistics",), "shampoo": ("statistics",)}
+              "mbf": ("*",), "tnt": ("*",), "shampoo": ("*",)}
 
 
 def _transformation(method, dtype, damping=1e-2):
@@ -55,11 +56,18 @@ def _three_steps(method, dtype_name):
   return out
 
 
-def _fields(state, names):
-  inner = state.layers if hasattr(state, "layers") else state
-  if isinstance(inner, dict):
-    return [getattr(s, n) for s in inner.values() for n in names]
-  return [getattr(inner, n) for n in names]
+def _fields(state, names, part):
+  """The named fields of every unit, looked up in the statistics, then the preconditioner
+  (`"*"`: the whole `part` of the state, "statistics" or "preconditioner")."""
+  if names == ("*",):
+    return getattr(state, part)
+  out = []
+  for key in state.statistics:
+    for name in names:
+      unit = state.statistics[key]
+      out.append(getattr(unit, name) if name in unit._fields
+                 else getattr(state.preconditioner[key], name))
+  return out
 
 
 @pytest.mark.parametrize("method", sorted(REFRESHED))
@@ -67,11 +75,11 @@ def test_bfloat16_state_and_direction(method):
   ref = _three_steps(method, "none")
   low = _three_steps(method, "bfloat16")
   for (d_ref, s_ref, _), (d_low, s_low, _) in zip(ref, low):
-    for leaf in jax.tree.leaves(_fields(s_low, REFRESHED[method])):
+    for leaf in jax.tree.leaves(_fields(s_low, REFRESHED[method], "preconditioner")):
       assert leaf.dtype == BF16, f"{method}: refreshed state in {leaf.dtype}"
-    for leaf in jax.tree.leaves(_fields(s_low, STATISTICS[method])):
+    for leaf in jax.tree.leaves(_fields(s_low, STATISTICS[method], "statistics")):
       assert leaf.dtype == jnp.float32, f"{method}: statistics in {leaf.dtype}"
-    for leaf in jax.tree.leaves(_fields(s_ref, REFRESHED[method])):
+    for leaf in jax.tree.leaves(_fields(s_ref, REFRESHED[method], "preconditioner")):
       assert leaf.dtype == jnp.float32
     for a, b in zip(jax.tree.leaves(d_low), jax.tree.leaves(d_ref)):
       assert a.dtype == b.dtype == jnp.float32
@@ -91,7 +99,7 @@ def test_kfac_bfloat16_direction_reproduces_the_rule():
   """`A⁻¹ ∇ G⁻¹` with bf16 operands and float32 sums, reproduced in float64."""
   direction, state, grads = _three_steps("kfac", "bfloat16")[-1]
   bf16 = ml_dtypes.bfloat16
-  for key, layer in state.layers.items():
+  for key, layer in state.preconditioner.items():
     path = tuple(key.split("/"))
     has_bias = "bias" in patches.tree_get(grads, path)
     grad = models.grad_matrix(grads, path, has_bias)
@@ -123,14 +131,14 @@ def test_products_follow_the_narrower_operand():
 def test_ekfac_keeps_row_major_transposes_of_bfloat16_bases_only():
   for (_, s_low, _), (_, s_ref, _) in zip(_three_steps("ekfac", "bfloat16"),
                                           _three_steps("ekfac", "none")):
-    for layer in s_low.layers.values():
+    for layer in s_low.preconditioner.values():
       np.testing.assert_array_equal(np.asarray(layer.input_basis_t, np.float32),
                                     np.asarray(layer.input_basis, np.float32).T)
       np.testing.assert_array_equal(np.asarray(layer.output_basis_t, np.float32),
                                     np.asarray(layer.output_basis, np.float32).T)
       assert layer.input_basis_t.dtype == BF16
-    for layer in s_ref.layers.values():
-      assert layer.input_basis_t.shape == layer.output_basis_t.shape == (0,)
+    for layer in s_ref.preconditioner.values():
+      assert layer.input_basis_t.shape == layer.output_basis_t.shape == (1,)
 
 
 @pytest.mark.parametrize("method", sorted(REFRESHED))

@@ -15,7 +15,6 @@ from typing import Optional
 
 import optax
 
-from secondorder_optax._src import layerwise
 from secondorder_optax._src.base import all_finite, select_tree
 from secondorder_optax._src.kl_clip import clip_by_kl
 
@@ -69,11 +68,16 @@ def build_optimizer(
     tail.append(momentum_tx)
   tail.append(optax.scale_by_learning_rate(learning_rate))
   parts.append(keep_state_if_nonfinite(optax.chain(*tail)))
-  tx = optax.chain(*parts)
-  describe_fn = layerwise.description_of(preconditioner)
-  if describe_fn is not None:
-    layerwise.register_description(tx, describe_fn)
-  return tx
+  return optax.chain(*parts)
+
+
+def optimizer(scale_by, *, learning_rate: optax.ScalarOrSchedule, momentum: Optional[float],
+              weight_decay: float, kl_clip: Optional[float],
+              **preconditioner_args) -> optax.GradientTransformationExtraArgs:
+  """`build_optimizer(scale_by(**preconditioner_args), ...)`: the body of every full optimizer
+  (called with the full optimizer's own arguments)."""
+  return build_optimizer(scale_by(**preconditioner_args), learning_rate=learning_rate,
+                         momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip)
 
 
 def _is_zero(value) -> bool:

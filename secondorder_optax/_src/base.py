@@ -4,10 +4,10 @@
 returns next to the loss and the gradients; every second-order transformation takes it
 through the `curvature=` extra argument of `update`.
 
-This file also holds the shared state conventions: when statistics and inverses are
-refreshed (`is_due`, `refresh`), how running averages start (`running_average`: the first
-update takes the batch statistic itself) and how hyperparameters that may be schedules are
-read (`hyperparameter_value`).
+This file also holds small shared conventions: how running averages start
+(`running_average`: the first update takes the batch statistic itself) and how
+hyperparameters that may be schedules are read (`hyperparameter_value`); the refresh
+schedule itself lives in `engine`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 Array = jax.Array
 LayerPath = Tuple[Any, ...]
@@ -156,9 +155,9 @@ class Curvature:
       available without computing anything.
 
   With `fisher="sampled"` a capture returns a *deferred* curvature: the extra backward
-  pass at the sampled targets runs where `layers` or `fisher_grads` is first read. An
-  optimizer that reads them only inside its statistics refresh (under `lax.cond`) thus pays
-  for that backward pass only at refresh steps. Compute the curvature inside the same
+  pass at the sampled targets runs where `materialize()` is called (reading `layers` or
+  `fisher_grads` calls it). The optimizers call it once, inside their statistics refresh
+  (under `lax.cond`), and so pay for that backward pass only at statistics steps. Compute the curvature inside the same
   jitted step as the update (the usual pattern): a deferred curvature passed *into* a jitted
   function as an argument carries a fresh VJP each time and causes a recompile.
 
@@ -194,17 +193,22 @@ class Curvature:
   def is_deferred(self) -> bool:
     return self._deferred is not None
 
+  def materialize(self) -> Tuple[Dict[LayerPath, LayerStats], Any]:
+    """`(layers, fisher_grads)`, running a deferred backward pass now (each call runs it
+    again: the optimizers call this once per statistics step, inside its refresh branch)."""
+    if self._deferred is None:
+      return self._layers, self._fisher_grads
+    return self._deferred.materialize()
+
   @property
   def layers(self) -> Dict[LayerPath, LayerStats]:
-    if self._deferred is None:
-      return self._layers
-    return self._deferred.materialize()[0]
+    """The per-layer statistics (`materialize()[0]`)."""
+    return self.materialize()[0]
 
   @property
   def fisher_grads(self) -> Any:
-    if self._deferred is None:
-      return self._fisher_grads
-    return self._deferred.materialize()[1]
+    """Gradients of the mean loss at the Fisher targets (`materialize()[1]`)."""
+    return self.materialize()[1]
 
   def materialized(self) -> "Curvature":
     """The same curvature with its statistics computed now."""
@@ -249,44 +253,11 @@ def hyperparameter_value(value: ScalarOrSchedule, count: Array) -> Array:
   return jnp.asarray(value, jnp.float32)
 
 
-def is_due(count: Array, every: int) -> Array:
-  """True at steps where `count % every == 0` (step 0 always).
-
-  `every` may be traced (e.g. injected by `optax.inject_hyperparams`); only concrete values
-  are validated.
-  """
-  if not isinstance(every, jax.core.Tracer) and every < 1:
-    raise ValueError(f"refresh periods must be >= 1, got {every}")
-  return count % every == 0
-
-
 def running_average(old: Any, new: Any, decay: ScalarOrSchedule, first: Array) -> Any:
   """EMA `decay * old + (1 - decay) * new`; the first update returns `new` itself."""
   weight = jnp.where(first, 0.0, jnp.asarray(decay, jnp.float32))
   return jax.tree.map(
       lambda o, n: (weight * o + (1.0 - weight) * n).astype(o.dtype), old, new)
-
-
-def refresh(due: Array, compute: Callable[[], Any], previous: Any) -> Any:
-  """`compute()` when `due`, else `previous`, under `lax.cond` (no work when not due)."""
-  return lax.cond(due, compute, lambda: previous)
-
-
-def refresh_statistics(due: Array, compute: Callable[[], Any], previous: Any) -> Any:
-  """`refresh` for statistics: a non-finite result (from a non-finite curvature or
-  gradient) is dropped and `previous` kept.
-
-  The finiteness check runs only inside the refresh branch, so steps without a refresh pay
-  nothing for it; together with refresh predicates that are false on non-finite gradients
-  (see `layerwise`), this is how the methods keep their state clean without a whole-state
-  select at every step.
-  """
-
-  def checked():
-    new = compute()
-    return select_tree(all_finite(new), new, previous)
-
-  return lax.cond(due, checked, lambda: previous)
 
 
 def all_finite(tree: Any) -> Array:

@@ -2,57 +2,89 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from secondorder_optax._src import layerwise
+import jax
+
+from secondorder_optax._src import engine, layerwise
 from secondorder_optax._src.base import Curvature, path_to_str
+from secondorder_optax._src.shampoo import GraftState
+
+_GRAFT_NAMES = {"ScaleByRmsWithCountState": "rmsprop", "ScaleByRmsState": "rmsprop",
+                "ScaleByAdamState": "adam"}
 
 
 def _curvature_rules(curvature: Curvature, params: Any) -> Dict[tuple, str]:
-  captured = {tuple(p): s for p, s in curvature.layers.items()}
+  captured = {tuple(p): m for p, m in curvature.layer_meta.items()}
   rules = {}
   for path in layerwise.leaf_paths(params):
-    stats = captured.get(path[:-1])
-    if stats is None:
+    meta = captured.get(path[:-1])
+    if meta is None:
       rules[path] = "not captured (fallback)"
     else:
-      extra = f", {stats.calls} calls" if stats.calls > 1 else ""
-      rules[path] = f"captured {stats.kind} layer, kernel {tuple(stats.kernel_shape)}{extra}"
+      extra = f", {meta.calls} calls" if meta.calls > 1 else ""
+      rules[path] = f"captured {meta.kind} layer, kernel {tuple(meta.kernel_shape)}{extra}"
   return rules
 
 
-def describe(tx_or_curvature: Any, params: Any, *,
+def _specs(state: Any) -> List[Tuple[engine.StateSpec, str]]:
+  """Every method's `StateSpec` in an optimizer state, through any optax wrapper, with the
+  grafted method's name where it is grafted."""
+  is_node = lambda x: isinstance(x, (engine.PreconditionerState, GraftState))
+  found = []
+  for node in jax.tree.leaves(state, is_leaf=is_node):
+    if isinstance(node, engine.PreconditionerState):
+      found.append((node.spec, ""))
+    elif isinstance(node, GraftState):
+      name = _GRAFT_NAMES.get(type(node.graft).__name__, type(node.graft).__name__)
+      found += [(spec, f", grafted to {name}") for spec, _ in _specs(node.direction)]
+  return found
+
+
+def describe(tx_or_curvature: Any, params: Any, *, curvature: Optional[Curvature] = None,
              print_fn: Optional[Callable[[str], None]] = print) -> Dict[str, str]:
   """Lists, for every parameter leaf, which rule preconditions it.
 
+  Works on any optimizer that contains a method of this library, through `optax.chain`,
+  `optax.inject_hyperparams`, `optax.MultiSteps`, `optax.apply_if_finite` and the like: it
+  reads the method from the optimizer's (abstract) initial state.
+
   Args:
-    tx_or_curvature: a transformation built by this library (`soo.kfac(...)`,
-      `soo.scale_by_tnt(...)`, ...) or a `soo.Curvature`.
+    tx_or_curvature: an optimizer holding a method of this library (`soo.kfac(...)`,
+      `optax.chain(..., soo.scale_by_tnt(...))`, ...) or a `soo.Curvature`.
     params: the parameter tree.
+    curvature: optionally the curvature the optimizer will get: layers it does not record
+      are then reported instead of being claimed as preconditioned.
     print_fn: where the table goes (`None` to print nothing).
 
   Returns:
     dict from `"Dense_0/kernel"`-style leaf paths to the rule's description.
 
   Example:
-    >>> import jax.numpy as jnp, secondorder_optax as soo
+    >>> import jax.numpy as jnp, optax, secondorder_optax as soo
     >>> params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
     ...           "scale": jnp.ones(2)}
-    >>> rules = soo.describe(soo.kfac(1e-3, damping=1e-3), params, print_fn=None)
+    >>> tx = optax.MultiSteps(soo.kfac(1e-3, damping=1e-3), every_k_schedule=2)
+    >>> rules = soo.describe(tx, params, print_fn=None)
     >>> rules["scale"]
     'fallback (identity)'
   """
   if isinstance(tx_or_curvature, Curvature):
     rules = _curvature_rules(tx_or_curvature, params)
   else:
-    describe_fn = layerwise.description_of(tx_or_curvature)
-    if describe_fn is None:
+    init = getattr(tx_or_curvature, "init", None)
+    specs = [] if init is None else _specs(jax.eval_shape(init, params))
+    if not specs:
       raise ValueError(
-          "describe() knows the transformations built by secondorder_optax (soo.<method>(...) "
-          "and soo.scale_by_<method>(...)) and soo.Curvature; got "
-          f"{type(tx_or_curvature).__name__}. For a custom optax.chain, describe the soo "
-          "transformation inside it.")
-    rules = describe_fn(params)
+          "describe() needs an optimizer that contains a secondorder_optax method "
+          "(soo.<method>(...), soo.scale_by_<method>(...), or a chain / wrapper of one) or a "
+          f"soo.Curvature; got {type(tx_or_curvature).__name__}")
+    captured = None if curvature is None else {tuple(p) for p in curvature.layer_meta}
+    pure = layerwise.to_pure(params)
+    rules = {}
+    for spec, suffix in specs:
+      rules.update({path: rule + (suffix if not rule.startswith("fallback") else "")
+                    for path, rule in spec.leaf_rules(pure, captured).items()})
   table = {path_to_str(p): r for p, r in rules.items()}
   if print_fn is not None:
     width = max((len(k) for k in table), default=0)

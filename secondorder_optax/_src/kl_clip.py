@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from secondorder_optax._src import layerwise
 from secondorder_optax._src.base import all_finite
 
 Array = jax.Array
@@ -75,7 +74,6 @@ def clip_by_kl(preconditioner: optax.GradientTransformation, *, kl_clip: Any,
   """
   if isinstance(kl_clip, (int, float)) and not kl_clip > 0:
     raise ValueError(f"kl_clip must be positive, got {kl_clip}")
-  describe_fn = layerwise.description_of(preconditioner)
   preconditioner = optax.with_extra_args_support(preconditioner)
 
   def init_fn(params):
@@ -89,7 +87,4 @@ def clip_by_kl(preconditioner: optax.GradientTransformation, *, kl_clip: Any,
     count = state.count + all_finite(updates).astype(state.count.dtype)
     return directions, KLClipState(count=count, inner=inner)
 
-  tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
-  if describe_fn is not None:
-    layerwise.register_description(tx, describe_fn)
-  return tx
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,36 +1,27 @@
-"""The shared skeleton of layer-wise methods (KFAC family, MBF, SENG).
+"""Layer units: the coverage of the layer-wise methods (KFAC family, MBF, SENG).
 
 A layer-wise method preconditions the parameters of every captured layer (a dict node of
 `params` holding a `kernel` and optionally a `bias`, as flax's Dense/Conv and NNX's
 Linear/Conv have) in the layer's matrix view `W̄ = [kernel; bias]` (DESIGN §4), from the
 `LayerStats` that `curvature=` brings. Every other leaf goes through an explicit `fallback`
-transformation (default: `optax.identity()`, so the full optimizer applies plain momentum
-SGD to it). `soo.describe` lists which rule preconditions each leaf.
-
-`layerwise_transformation` does everything that is not the method's own math: finding the
-layers at `init`, checking `curvature` against `params` with errors that name the problem,
-moving gradients to and from the matrix view, the fallback and the step counter. State
-hygiene is shared by all methods without a whole-state select at every step: `update_layers`
-gets an `active` flag (false when the gradients are not finite) that it ANDs into its
-refresh predicates, and it refreshes statistics with `base.refresh_statistics`, which drops a
-non-finite result (e.g. from a non-finite curvature) inside the refresh branch only.
+transformation. `LayerCoverage` tells the engine (`engine.Coverage`) which layers there are,
+checks `curvature` against them with errors that name the problem, moves gradients to and
+from the matrix view and reads each layer's statistics from the curvature (one
+materialization of a deferred curvature per read). `soo.describe` lists the rule of each leaf.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import weakref
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
-from secondorder_optax._src import patches
-from secondorder_optax._src.base import (Curvature, LayerPath, LayerStats, all_finite,
-                                         path_to_str, select_tree)
+from secondorder_optax._src import engine, patches, validation
+from secondorder_optax._src.base import Curvature, LayerPath, path_to_str, stats_dtype
 
 Array = jax.Array
 
@@ -44,12 +35,14 @@ class LayerInfo:
     kernel_shape: shape of its kernel.
     has_bias: whether it has a bias leaf.
     dtype: the kernel's dtype.
+    index: the layer's position among the preconditioned layers (sorted by key).
   """
 
   path: LayerPath
   kernel_shape: Tuple[int, ...]
   has_bias: bool
   dtype: Any
+  index: int = 0
 
   @property
   def key(self) -> str:
@@ -58,23 +51,6 @@ class LayerInfo:
   @property
   def matrix_shape(self) -> Tuple[int, int]:
     return (math.prod(self.kernel_shape[:-1]) + int(self.has_bias), self.kernel_shape[-1])
-
-
-class LayerwiseState(NamedTuple):
-  """State of a layer-wise method.
-
-  Attributes:
-    count: number of steps taken (with finite gradients and statistics).
-    layers: per-layer state of the method, keyed by `"Module_0/Dense_1"`-style paths.
-    fallback: state of the fallback transformation for leaves outside captured layers.
-    failures: how many inversions/eigendecompositions gave non-finite results (each kept
-      the previous value).
-  """
-
-  count: Array
-  layers: Dict[str, Any]
-  fallback: Any
-  failures: Array
 
 
 def _path_keys(path) -> LayerPath:
@@ -146,7 +122,7 @@ def find_layers(params: Any, layers: Optional[Sequence[LayerPath]] = None) -> Di
     if missing:
       raise ValueError(f"layers= names paths not found in params: "
                        f"{sorted(path_to_str(p) for p in missing)}")
-  return found
+  return {key: dataclasses.replace(found[key], index=i) for i, key in enumerate(sorted(found))}
 
 
 def layer_mask(params: Any, infos: Mapping[str, LayerInfo]) -> Any:
@@ -158,12 +134,8 @@ def layer_mask(params: Any, infos: Mapping[str, LayerInfo]) -> Any:
 
 
 def check_curvature(method: str, curvature: Any, infos: Mapping[str, LayerInfo],
-                    needs: str = "per-layer statistics") -> "LayerStatsView":
-  """Matches `curvature.layer_meta` to the layers found at `init`; clear errors otherwise.
-
-  Returns:
-    a read-on-access mapping from layer key to `LayerStats` (see `LayerStatsView`).
-  """
+                    needs: str = "per-layer statistics") -> None:
+  """Matches `curvature.layer_meta` to the layers found in `params`; clear errors otherwise."""
   if curvature is None:
     raise ValueError(
         f"{method} needs curvature= ({needs}): call tx.update(grads, state, params, "
@@ -172,7 +144,6 @@ def check_curvature(method: str, curvature: Any, infos: Mapping[str, LayerInfo],
   if not isinstance(curvature, Curvature):
     raise ValueError(f"{method}: curvature= must be a soo.Curvature, got {type(curvature).__name__}")
   by_path = {tuple(p): m for p, m in curvature.layer_meta.items()}
-  keys = {}
   missing = []
   for key, info in infos.items():
     layer = by_path.get(info.path)
@@ -189,145 +160,92 @@ def check_curvature(method: str, curvature: Any, infos: Mapping[str, LayerInfo],
           f"{method}: curvature for layer {key} has kernel shape {tuple(layer.kernel_shape)} "
           f"(bias={layer.has_bias}) but params have {info.kernel_shape} (bias={info.has_bias}); "
           f"was the curvature computed for another model?")
-    keys[key] = info.path
   if missing:
     raise ValueError(
         f"{method}: curvature has no statistics for layer(s) {missing} found in params "
         f"(captured: {sorted(path_to_str(p) for p in by_path)}). Layers the capture does not "
         f"support (e.g. ConvTranspose, DenseGeneral) must be excluded: pass "
         f"layers=list(curvature.layers) to the optimizer so their leaves use the fallback.")
-  return LayerStatsView(curvature, keys)
 
 
-def _current_trace() -> Any:
-  """The JAX trace being built now (None if unknown); used to scope a cache."""
-  try:
-    from jax._src import core  # pylint: disable=g-import-not-at-top
-    return core.trace_ctx.trace
-  except (ImportError, AttributeError):
-    return None
+def is_tracing(tree: Any) -> bool:
+  """Whether any leaf of `tree` is a tracer (we are inside `jit` / `grad` / ...)."""
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
-class LayerStatsView(Mapping):
-  """`{layer key: LayerStats}` read from a `Curvature` only when an entry is accessed.
-
-  A deferred curvature (sampled Fisher) runs its extra backward pass where its statistics
-  are first read; methods that read `stats[key]` inside their statistics refresh (under
-  `lax.cond`) so pay for it only at refresh steps. Within one trace the materialized
-  statistics are cached, so reading many layers costs one backward pass.
-  """
-
-  def __init__(self, curvature: Curvature, paths: Dict[str, LayerPath]):
-    self._curvature = curvature
-    self._paths = paths
-    self._cache: list = []
-
-  def _layers(self) -> Dict[LayerPath, LayerStats]:
-    trace = _current_trace()
-    for cached_trace, layers in self._cache:
-      if trace is not None and cached_trace is trace:
-        return layers
-    layers = {tuple(p): s for p, s in self._curvature.layers.items()}
-    if trace is not None:
-      self._cache.append((trace, layers))
-    return layers
-
-  def __getitem__(self, key: str) -> LayerStats:
-    return self._layers()[self._paths[key]]
-
-  def __iter__(self):
-    return iter(self._paths)
-
-  def __len__(self) -> int:
-    return len(self._paths)
+def ready_curvature(curvature: Curvature) -> Curvature:
+  """A deferred curvature stays deferred inside a traced step (its backward pass then runs
+  only in the statistics branch); an eager one is materialized now, so the engine's compiled
+  step is not keyed on a fresh VJP at every call."""
+  if curvature.is_deferred and not is_tracing(curvature.finite_check_leaves()):
+    return curvature.materialized()
+  return curvature
 
 
-UpdateLayers = Callable[..., Tuple[Dict[str, Array], Dict[str, Any], Array]]
+@dataclasses.dataclass(frozen=True)
+class LayerCoverage(engine.Coverage):
+  """The captured layers of `params` (or only `layers`), in their matrix views.
 
-
-def layerwise_transformation(
-    method: str,
-    *,
-    init_layer: Callable[[LayerInfo], Any],
-    update_layers: UpdateLayers,
-    fallback: Optional[optax.GradientTransformation] = None,
-    layers: Optional[Sequence[LayerPath]] = None,
-    describe_layer: Optional[Callable[[LayerInfo], str]] = None,
-    needs: str = "per-layer statistics",
-) -> optax.GradientTransformationExtraArgs:
-  """Builds a layer-wise preconditioner from the method's own two functions.
-
-  Args:
-    method: the method's name, used in errors and `describe`.
-    init_layer: `info -> state` of one layer.
-    update_layers: `(infos, grad_matrices, stats, layer_states, count, active) ->
-      (direction_matrices, new_layer_states, failures)`, every dict keyed by layer key;
-      `grad_matrices[k]` is the float32 gradient in the matrix view `(d_in [+1], d_out)`.
-      `active` is False on a step with non-finite gradients: every refresh predicate must
-      include it (so the state is left as it is), and statistics must be refreshed with
-      `base.refresh_statistics` (so a non-finite curvature is never averaged in).
-    fallback: transformation for the leaves outside preconditioned layers (default
-      `optax.identity()`).
+  Attributes:
     layers: optional explicit layer paths (default: every kernel/bias node).
-    describe_layer: `info -> str` for `soo.describe`.
     needs: what the method needs from `curvature`, for the missing-curvature error.
+    fisher: the capture kind the method accepts (`None`: either).
   """
-  fallback = optax.identity() if fallback is None else fallback
-  fallback_name = _transform_name(fallback)
 
-  def init_fn(params):
-    params = to_pure(params)
-    infos = find_layers(params, layers)
-    return LayerwiseState(
-        count=jnp.zeros((), jnp.int32),
-        layers={k: init_layer(info) for k, info in infos.items()},
-        fallback=optax.masked(fallback, layer_mask(params, infos)).init(params),
-        failures=jnp.zeros((), jnp.int32),
-    )
+  layers: Optional[Tuple[LayerPath, ...]] = None
+  needs: str = "per-layer inputs and output gradients"
+  fisher: Optional[str] = None
 
-  def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
-    del extra_args
-    if params is None:
-      raise ValueError(f"{method} needs params: call tx.update(grads, state, params, ...)")
-    original_updates, updates, params = updates, to_pure(updates), to_pure(params)
-    infos = find_layers(params, layers)
-    stats = check_curvature(method, curvature, infos, needs)
-    grad_mats = {}
-    for key, info in infos.items():
-      leaves = patches.tree_get(updates, info.path)
-      grad_mats[key] = patches.params_to_matrix(leaves, info.has_bias).astype(jnp.float32)
-    active = all_finite(updates)
-    directions, new_layers, failures = update_layers(
-        infos, grad_mats, stats, state.layers, state.count, active)
-    masked_fallback = optax.masked(fallback, layer_mask(params, infos))
-    out, new_fallback = masked_fallback.update(updates, state.fallback, params)
-    new_fallback = select_tree(active, new_fallback, state.fallback)
-    for key, info in infos.items():
+  def units(self, method, params, statistics):
+    del statistics
+    try:
+      return find_layers(params, self.layers)
+    except ValueError as e:
+      raise ValueError(f"{method}: {e}") from None
+
+  def source(self, method, updates, units, curvature, extra_args):
+    del updates, extra_args
+    check_curvature(method, curvature, units, self.needs)
+    if self.fisher is not None and curvature.fisher != self.fisher:
+      raise ValueError(
+          f"{method} expects curvature captured with fisher='{self.fisher}' but got "
+          f"fisher='{curvature.fisher}'. Capture with soo.linen_curvature(model, loss, "
+          f"fisher='{self.fisher}') (or soo.nnx_curvature(..., fisher='{self.fisher}')).")
+    return ready_curvature(curvature)
+
+  def read(self, source, units):
+    layers, _ = source.materialize()
+    by_path = {tuple(p): s for p, s in layers.items()}
+    return {key: by_path[info.path] for key, info in units.items()}
+
+  def gather(self, updates, units):
+    return {key: patches.params_to_matrix(patches.tree_get(updates, info.path),
+                                          info.has_bias).astype(stats_dtype(info.dtype))
+            for key, info in units.items()}
+
+  def scatter(self, directions, updates, units):
+    out = updates
+    for key, info in units.items():
       like = patches.tree_get(updates, info.path)
-      out = _tree_set(out, info.path, patches.matrix_to_params(directions[key], like,
-                                                               info.has_bias))
-    new_state = LayerwiseState(count=state.count + active.astype(state.count.dtype),
-                               layers=new_layers, fallback=new_fallback,
-                               failures=state.failures + failures)
-    return restore_like(original_updates, out), new_state
+      out = _tree_set(out, info.path,
+                      patches.matrix_to_params(directions[key], like, info.has_bias))
+    return out
 
-  tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  def uncovered(self, params, units):
+    return layer_mask(params, units)
 
-  def describe(params):
-    params = to_pure(params)
-    infos = find_layers(params, layers)
+  def leaf_rules(self, algorithm, params, units, fallback_name, captured=None):
     rules = {}
     for path in leaf_paths(params):
-      info = infos.get(path_to_str(path[:-1]))
-      if info is not None:
-        text = describe_layer(info) if describe_layer else f"layer {info.key}"
-        rules[path] = f"{method}: {text}"
-      else:
+      info = units.get(path_to_str(path[:-1]))
+      if info is None:
         rules[path] = f"fallback ({fallback_name})"
+      elif captured is not None and info.path not in captured:
+        rules[path] = (f"{algorithm.name}: NOT CAPTURED by this curvature (update raises); "
+                       f"pass layers=[...] without {info.key} so the fallback trains it")
+      else:
+        rules[path] = f"{algorithm.name}: {algorithm.describe(info)}"
     return rules
-
-  register_description(tx, describe)
-  return tx
 
 
 def _tree_set(tree: Any, path: LayerPath, value: Any) -> Any:
@@ -344,20 +262,24 @@ def _tree_set(tree: Any, path: LayerPath, value: Any) -> Any:
   return copy
 
 
-def _transform_name(tx: Any) -> str:
+def transform_name(tx: Any) -> str:
+  """A transformation's name for `describe` (e.g. `scale_by_adam`)."""
   update = getattr(tx, "update", None)
   qualname = getattr(update, "__qualname__", "")
   return qualname.split(".<locals>")[0] if qualname else type(tx).__name__
 
 
-# describe() registry: transformation -> function(params) -> {leaf path: rule}.
-_DESCRIPTIONS: "weakref.WeakKeyDictionary[Any, Callable]" = weakref.WeakKeyDictionary()
-
-
-def register_description(tx: Any, describe_fn: Callable[[Any], Dict[LayerPath, str]]) -> None:
-  """Makes `soo.describe(tx, params)` work for a transformation built by this library."""
-  _DESCRIPTIONS[tx.update] = describe_fn
-
-
-def description_of(tx: Any) -> Optional[Callable[[Any], Dict[LayerPath, str]]]:
-  return _DESCRIPTIONS.get(getattr(tx, "update", None))
+def layer_transformation(algorithm: "engine.Algorithm", *, damping: Any, stats_decay: Any,
+                         stats_every: Any, inverse_every: Any, fallback: Any = None,
+                         layers: Optional[Sequence[LayerPath]] = None,
+                         needs: str = "per-layer inputs and output gradients",
+                         fisher: Optional[str] = None):
+  """The engine's transformation of a layer-wise `algorithm`, its arguments checked."""
+  validation.check_schedule(algorithm.name, damping=damping, stats_decay=stats_decay,
+                      stats_every=stats_every, inverse_every=inverse_every,
+                      positive_damping=algorithm.positive_damping)
+  coverage = LayerCoverage(layers=None if layers is None else tuple(tuple(p) for p in layers),
+                           needs=needs, fisher=fisher)
+  return engine.transformation(algorithm, coverage, damping=damping, stats_decay=stats_decay,
+                               stats_every=stats_every, inverse_every=inverse_every,
+                               fallback=fallback)

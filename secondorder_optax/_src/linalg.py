@@ -1,24 +1,21 @@
 """Batched linear algebra shared by every method (DESIGN §6).
 
-All functions act on one matrix and are meant to run over many same-shape matrices at once:
-`bucketed(fn, items)` groups a dict of items by the shapes of their arrays, stacks each
-group, runs `jax.vmap(fn)` once per group and puts the results back under their keys. So a
-model with forty 16×16 mini-blocks and three 1000×1000 factors makes two calls, not 43.
-
-`keep_finite(new, old)` keeps the previous result where a new one is not finite and counts
-the failures, so that one bad inversion never corrupts the optimizer state.
+All functions act on one matrix; the refresh engine (`engine.solve_blocks`) runs them over
+many same-shape matrices at once, so a model with forty 16×16 mini-blocks and three
+1000×1000 factors makes two calls, not 43. `reject` marks a finite but unusable result as
+failed, so the engine keeps the previous preconditioner.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Hashable, Tuple
+from typing import Any, Tuple
 
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 from jax import lax
 
-from secondorder_optax._src.base import all_finite, stats_dtype
+from secondorder_optax._src.base import stats_dtype
 
 Array = jax.Array
 _HIGHEST = lax.Precision.HIGHEST
@@ -52,20 +49,6 @@ def tensordot(a: Array, b: Array, axes) -> Array:
   return _product(jnp.tensordot, a, b, axes=axes)
 
 
-def check_preconditioner_dtype(method: str, dtype: Any) -> Any:
-  """`None` or a floating dtype (a clear error otherwise)."""
-  if dtype is None:
-    return None
-  try:
-    checked = jnp.dtype(dtype)
-  except TypeError:
-    checked = None
-  if checked is None or not jnp.issubdtype(checked, jnp.floating):
-    raise ValueError(f"{method}: preconditioner_dtype must be a floating dtype such as "
-                     f"jnp.bfloat16 or jnp.float32, got {dtype!r}")
-  return checked
-
-
 def refreshed_dtype(statistics_dtype: Any, preconditioner_dtype: Any) -> Any:
   """Dtype of a stored preconditioner: `preconditioner_dtype`, or by default the dtype of
   the statistics it is computed from."""
@@ -89,6 +72,31 @@ def damped_inverse(matrix: Array, damping: Array) -> Array:
   factor = jnp.linalg.cholesky(damped)
   eye = jnp.broadcast_to(jnp.eye(matrix.shape[-1], dtype=matrix.dtype), matrix.shape)
   return symmetrize(jsl.cho_solve((factor, True), eye))
+
+
+def reject(ok: Array, result: Any) -> Any:
+  """`result` where `ok`, else all-NaN: marks a finite but unusable refresh as failed (the
+  engine keeps the previous preconditioner for a non-finite result)."""
+  return jax.tree.map(lambda x: jnp.where(ok, x, jnp.nan).astype(x.dtype), result)
+
+
+def _probe(dim: int, dtype: Any) -> Array:
+  """A fixed vector with no structure a PSD factor is likely to share (not all ones)."""
+  return jnp.cos(jnp.arange(1, dim + 1, dtype=jnp.float32) * 2.399963).astype(dtype)
+
+
+def checked_damped_inverse(matrix: Array, damping: Array, tolerance: float = 0.1) -> Array:
+  """`damped_inverse`, rejected (`reject`) when its residual on a probe vector,
+  `‖(M + λI) X v − v‖ / ‖v‖`, exceeds `tolerance`: a near-singular system can come out of
+  Cholesky finite but meaningless (e.g. at damping 0). Costs one matrix-vector product.
+  """
+  inverse = damped_inverse(matrix, damping)
+  damped = add_to_diagonal(symmetrize(matrix), damping)
+  v = _probe(matrix.shape[-1], matrix.dtype)
+  residual = jnp.matmul(damped, jnp.matmul(inverse, v, precision=_HIGHEST),
+                        precision=_HIGHEST) - v
+  ok = jnp.linalg.norm(residual) <= tolerance * jnp.linalg.norm(v)
+  return reject(ok, inverse)
 
 
 def damped_solve(matrix: Array, rhs: Array, damping: Array) -> Array:
@@ -153,14 +161,6 @@ def symmetric_gram(x: Array, axis: int = -1) -> Array:
   return jnp.concatenate(rows, axis=0)
 
 
-def keep_finite(new: Any, old: Any) -> Tuple[Any, Array]:
-  """`(new, 0)` where every leaf of `new` is finite, else `(old, 1)`; the result keeps
-  the dtypes of `old` (a preconditioner stored in bfloat16 stays bfloat16)."""
-  ok = all_finite(new)
-  kept = jax.tree.map(lambda n, o: jnp.where(ok, n.astype(o.dtype), o), new, old)
-  return kept, jnp.where(ok, 0, 1).astype(jnp.int32)
-
-
 def after(value: Any, dependency: Any) -> Any:
   """`value`, but not available before `dependency` has been computed.
 
@@ -175,7 +175,7 @@ def after(value: Any, dependency: Any) -> Any:
   # Each leaf is read through its own reduction over two elements (a one-element or a
   # concatenated reduction is simplified into plain elementwise ops): XLA:CPU does not fuse
   # a reduction into its consumers. Without that boundary, where `dependency` depends
-  # elementwise on an earlier `after` (as in `bucketed_keep_finite`, through the kept
+  # elementwise on an earlier `after` (as in `engine.solve_blocks`, through the kept
   # previous results), the probes of all earlier groups fuse into one loop kernel whose
   # scalar expression DAG grows with the number of groups, and LLVM's loop vectorizer
   # takes time exponential in its depth (minutes of compile for an 8-layer MLP's EKFAC).
@@ -184,49 +184,3 @@ def after(value: Any, dependency: Any) -> Any:
   zero = jnp.where(jnp.isfinite(probe), probe, 0.0) * 0.0
   return jax.tree.map(
       lambda v: v + zero.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.inexact) else v, value)
-
-
-def _signature(item: Any) -> Hashable:
-  leaves, treedef = jax.tree.flatten(item)
-  return (treedef, tuple((tuple(x.shape), jnp.asarray(x).dtype.name) for x in leaves))
-
-
-def bucketed(fn: Callable[..., Any], items: Dict[Hashable, Any]) -> Dict[Hashable, Any]:
-  """Runs `fn` on every item, one `vmap`ped call per group of same-shape items.
-
-  Args:
-    fn: function of one item (a pytree of arrays) returning a pytree.
-    items: dict from any key to an item.
-
-  Returns:
-    dict with the same keys, `fn(item)` under each.
-  """
-  groups: Dict[Hashable, list] = {}
-  for key, item in items.items():
-    groups.setdefault(_signature(item), []).append(key)
-  results = {}
-  batched_fn = jax.vmap(fn)
-  out = None
-  for keys in groups.values():
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[items[k] for k in keys])
-    out = batched_fn(after(stacked, out))
-    for i, key in enumerate(keys):
-      results[key] = jax.tree.map(lambda x, i=i: x[i], out)
-  return results
-
-
-def bucketed_keep_finite(fn: Callable[[Any], Any], items: Dict[Hashable, Any],
-                         previous: Dict[Hashable, Any]) -> Tuple[Dict[Hashable, Any], Array]:
-  """`bucketed(fn, items)`, keeping each previous result whose new one is not finite.
-
-  Returns:
-    `(results, failures)`: the kept results and the number of items that failed.
-  """
-  def guarded(pair):
-    item, prev = pair
-    return keep_finite(fn(item), prev)
-
-  out = bucketed(guarded, {k: (items[k], previous[k]) for k in items})
-  results = {k: v[0] for k, v in out.items()}
-  failures = sum((v[1] for v in out.values()), jnp.zeros((), jnp.int32))
-  return results, failures

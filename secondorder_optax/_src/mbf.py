@@ -32,7 +32,7 @@ import abc
 import dataclasses
 import functools
 import math
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -40,15 +40,13 @@ import numpy as np
 import optax
 from jax import lax
 
-from secondorder_optax._src import alias, layerwise, linalg, patches
-from secondorder_optax._src.base import (Curvature, LayerPath, LayerStats, ScalarOrSchedule,
-                                         hyperparameter_value, is_due, path_to_str, refresh,
-                                         refresh_statistics, running_average, stats_dtype)
+from secondorder_optax._src import alias, engine, layerwise, linalg, patches, validation
+from secondorder_optax._src.base import (LayerPath, LayerStats, ScalarOrSchedule, path_to_str,
+                                         stats_dtype)
 from secondorder_optax._src.layerwise import LayerInfo
 
 Array = jax.Array
 _HIGHEST = lax.Precision.HIGHEST
-_FISHER_CHOICES = ("empirical", "sampled")
 
 
 # --------------------------------------------------------------------------------------
@@ -259,19 +257,6 @@ class RowBlocks(MBFPartition):
 # The transformation.
 
 
-class MBFLayerState(NamedTuple):
-  """MBF state of one layer, one entry per group of its partition.
-
-  Attributes:
-    statistics: running averages of the mini-block statistics, packed upper triangles
-      `(num_blocks, s(s+1)/2)` in float32 at least.
-    inverses: `(M_b + λI)⁻¹` of every block, `(num_blocks, s, s)`, from the last refresh.
-  """
-
-  statistics: Dict[str, Array]
-  inverses: Dict[str, Array]
-
-
 PartitionKey = Union[str, LayerPath]
 
 
@@ -311,10 +296,6 @@ def _normalize_overrides(partitions: Optional[Mapping[PartitionKey, MBFPartition
   return out
 
 
-def _guarded_inverse(matrix: Array, previous: Array, damping: Array) -> Tuple[Array, Array]:
-  return linalg.keep_finite(linalg.damped_inverse(matrix, damping), previous)
-
-
 def _apply_inverses(inverses: Array, vectors: Array) -> Array:
   """`inverses[n] @ vectors[n]` for every block n (float32 result at least).
 
@@ -329,28 +310,63 @@ def _apply_inverses(inverses: Array, vectors: Array) -> Array:
   return jnp.sum(inverses.astype(dtype) * vectors.astype(dtype)[:, None, :], axis=-1)
 
 
-def _invert_all(statistics: Dict[str, Dict[str, Array]], previous: Dict[str, Dict[str, Array]],
-                damping: Array) -> Tuple[Dict[str, Dict[str, Array]], Array]:
-  """Damped inverses of every mini-block, one batched Cholesky call per block size."""
-  by_size: Dict[int, List[Tuple[str, str]]] = {}
-  for layer, groups in previous.items():
-    for group, inverse in groups.items():
-      by_size.setdefault(inverse.shape[-1], []).append((layer, group))
-  inverses = {layer: {} for layer in previous}
-  failures = jnp.zeros((), jnp.int32)
-  new = None
-  for size, members in sorted(by_size.items()):
-    packed = jnp.concatenate([statistics[l][g] for l, g in members], axis=0)
-    old = jnp.concatenate([previous[l][g] for l, g in members], axis=0)
-    # One size at a time: concurrent batched Cholesky calls can deadlock XLA:CPU.
-    packed, old = linalg.after((packed, old), new)
-    new, failed = jax.vmap(_guarded_inverse, in_axes=(0, 0, None))(
-        unpack(packed, size), old, damping.astype(old.dtype))
-    failures = failures + failed.sum(dtype=jnp.int32)
-    offsets = np.cumsum([0] + [previous[l][g].shape[0] for l, g in members])
-    for (layer, group), start, stop in zip(members, offsets[:-1], offsets[1:]):
-      inverses[layer][group] = new[start:stop]
-  return inverses, failures
+@dataclasses.dataclass(frozen=True)
+class MBF(engine.Algorithm):
+  """Mini-block Fisher: `(M_b + λI)⁻¹ ∇|_b` on every mini-block b of a layer.
+
+  Attributes:
+    default_partition: the partition of layers without an override.
+    overrides: `((layer key, partition), ...)`.
+    preconditioner_dtype: dtype of the stored inverses (`None`: the statistics' dtype).
+  """
+
+  name = "mbf"
+  default_partition: MBFPartition = MiniBlocks()
+  overrides: Tuple[Tuple[str, MBFPartition], ...] = ()
+  preconditioner_dtype: Any = None
+
+  def partition(self, info: LayerInfo) -> MBFPartition:
+    return dict(self.overrides).get(info.key, self.default_partition)
+
+  def init_statistics(self, info):
+    shapes = _block_shapes(self.partition(info), info)
+    return {g: jnp.zeros((n, packed_size(s)), stats_dtype(info.dtype))
+            for g, (n, s) in shapes.items()}
+
+  def init_preconditioner(self, info):
+    dtype = linalg.refreshed_dtype(stats_dtype(info.dtype), self.preconditioner_dtype)
+    shapes = _block_shapes(self.partition(info), info)
+    return {g: jnp.broadcast_to(jnp.eye(s, dtype=dtype), (n, s, s))
+            for g, (n, s) in shapes.items()}
+
+  def statistics(self, info, stats):
+    dtype = stats_dtype(info.dtype)
+    layer = stats.replace(inputs=stats.inputs.astype(dtype),
+                          output_grads=stats.output_grads.astype(dtype))
+    return self.partition(info).statistics(layer, info)
+
+  def refresh(self, info, statistics, previous, damping, data):
+    blocks = {}
+    for group, packed in statistics.items():
+      size = previous[group].shape[-1]
+      blocks[group] = engine.Stacked((unpack(packed, size),
+                                      jnp.broadcast_to(damping, packed.shape[:1])))
+    return blocks, dict
+
+  def solve(self, block):
+    matrix, damping = block
+    return linalg.checked_damped_inverse(matrix, damping.astype(matrix.dtype))
+
+  def apply(self, info, inverses, statistics, grad, damping):
+    partition = self.partition(info)
+    blocks = partition.split(grad, info)
+    return partition.merge({g: _apply_inverses(inverses[g], b) for g, b in blocks.items()},
+                           info)
+
+  def describe(self, info):
+    partition = self.partition(info)
+    counts = ", ".join(f"{g} {n}×{s}" for g, (n, s) in _block_shapes(partition, info).items())
+    return f"{partition!r} mini-blocks: {counts}"
 
 
 def scale_by_mbf(
@@ -408,89 +424,47 @@ def scale_by_mbf(
     >>> direction["kernel"].shape
     (5, 3)
   """
-  if fisher not in _FISHER_CHOICES:
-    raise ValueError(f"mbf: fisher must be one of {_FISHER_CHOICES}, got {fisher!r}")
-  for name, every in (("stats_every", stats_every), ("inverse_every", inverse_every)):
-    if not isinstance(every, (int, np.integer)) or every < 1:
-      raise ValueError(f"mbf: {name} must be an integer >= 1, got {every!r}")
-  preconditioner_dtype = linalg.check_preconditioner_dtype("mbf", preconditioner_dtype)
-  default_partition = MiniBlocks(block_size)
-  overrides = _normalize_overrides(partitions)
+  validation.check_fisher("mbf", fisher)
+  overrides = tuple(sorted(_normalize_overrides(partitions).items()))
+  dtype = validation.check_preconditioner_dtype("mbf", preconditioner_dtype)
+  static_block_size = validation.check_structural_int("mbf", "block_size", block_size)
 
-  def partition_of(info: LayerInfo) -> MBFPartition:
-    return overrides.get(info.key, default_partition)
+  def build(size: int) -> optax.GradientTransformationExtraArgs:
+    return layerwise.layer_transformation(
+        MBF(MiniBlocks(size), overrides, dtype), damping=damping, stats_decay=stats_decay,
+        stats_every=stats_every, inverse_every=inverse_every, fallback=fallback,
+        layers=layers, fisher=fisher,
+        needs=f"per-layer inputs and output gradients, captured with fisher='{fisher}'")
 
-  def init_layer(info: LayerInfo) -> MBFLayerState:
-    dtype = stats_dtype(info.dtype)
-    shapes = _block_shapes(partition_of(info), info)
-    return MBFLayerState(
-        statistics={g: jnp.zeros((n, packed_size(s)), dtype) for g, (n, s) in shapes.items()},
-        inverses={g: jnp.zeros((n, s, s), linalg.refreshed_dtype(dtype, preconditioner_dtype))
-                  for g, (n, s) in shapes.items()})
-
-  def batch_statistics(infos, stats):
-    out = {}
-    for key, info in infos.items():
-      dtype = stats_dtype(info.dtype)
-      layer = stats[key].replace(inputs=stats[key].inputs.astype(dtype),
-                                 output_grads=stats[key].output_grads.astype(dtype))
-      out[key] = partition_of(info).statistics(layer, info)
-    return out
-
-  def update_layers(infos, grad_mats, stats, layer_states, count, active):
-    old_stats = {k: s.statistics for k, s in layer_states.items()}
-    old_inverses = {k: s.inverses for k, s in layer_states.items()}
-    decay = hyperparameter_value(stats_decay, count)
-    new_stats = refresh_statistics(
-        is_due(count, stats_every) & active,
-        lambda: running_average(old_stats, batch_statistics(infos, stats), decay, count == 0),
-        old_stats)
-    damping_value = hyperparameter_value(damping, count)
-    inverses, failures = refresh(
-        is_due(count, inverse_every) & active,
-        lambda: _invert_all(new_stats, old_inverses, damping_value),
-        (old_inverses, jnp.zeros((), jnp.int32)))
-    directions = {}
-    for key, info in infos.items():
-      partition = partition_of(info)
-      blocks = partition.split(grad_mats[key], info)
-      solved = {g: _apply_inverses(inverses[key][g], b) for g, b in blocks.items()}
-      directions[key] = partition.merge(solved, info)
-    new_layers = {k: MBFLayerState(new_stats[k], inverses[k]) for k in layer_states}
-    return directions, new_layers, failures
-
-  def describe_layer(info: LayerInfo) -> str:
-    partition = partition_of(info)
-    shapes = _block_shapes(partition, info)
-    counts = ", ".join(f"{g} {n}×{s}" for g, (n, s) in shapes.items())
-    return f"{partition!r} mini-blocks: {counts}"
-
-  inner = layerwise.layerwise_transformation(
-      "mbf", init_layer=init_layer, update_layers=update_layers, fallback=fallback,
-      layers=layers, describe_layer=describe_layer,
-      needs="per-layer inputs and output gradients, captured with fisher='empirical'")
+  build(static_block_size or 16)  # Checks the shared arguments now.
 
   def init_fn(params):
-    found = layerwise.find_layers(params, layers)
-    unknown = sorted(set(overrides) - set(found))
+    found = layerwise.find_layers(layerwise.to_pure(params), layers)
+    unknown = sorted(set(dict(overrides)) - set(found))
     if unknown:
       raise ValueError(f"mbf: partitions= names layer(s) {unknown} that are not preconditioned "
                        f"layers of params (found: {sorted(found)})")
-    return inner.init(params)
+    if static_block_size is None:
+      raise ValueError("mbf: block_size fixes the state's shapes and must be concrete at init")
+    return build(static_block_size).init(params)
 
-  def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
-    if isinstance(curvature, Curvature) and curvature.fisher != fisher:
-      raise ValueError(
-          f"mbf expects curvature captured with fisher='{fisher}' but got "
-          f"fisher='{curvature.fisher}'. MBF approximates the empirical Fisher: capture with "
-          f"soo.linen_curvature(model, loss, fisher='empirical'), or pass "
-          f"fisher='{curvature.fisher}' to soo.mbf / soo.scale_by_mbf to use these statistics "
-          f"on purpose.")
-    return inner.update(updates, state, params, curvature=curvature, **extra_args)
+  def update_fn(updates, state, params=None, **extra_args):
+    size = static_block_size
+    if size is None:  # Traced by inject_hyperparams: the state's shapes hold it.
+      size = _state_block_size(state, dict(overrides))
+    return build(size).update(updates, state, params, **extra_args)
 
-  tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
-  layerwise.register_description(tx, layerwise.description_of(inner))
-  return tx
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _state_block_size(state: engine.PreconditionerState, overrides: Mapping[str, Any]) -> int:
+  """The default partition's chunk length, read from the state: the size of any full chunk;
+  without one, every dense layer is one chunk per unit and any size above them all does."""
+  for key, groups in state.preconditioner.items():
+    if key not in overrides and "chunks" in groups:
+      return int(groups["chunks"].shape[-1])
+  return max([g.shape[-1] for groups in state.preconditioner.values()
+              for g in groups.values()] + [1])
 
 
 def mbf(
@@ -547,10 +521,4 @@ def mbf(
     >>> updates, state = tx.update(grads, state, params, curvature=curvature)
     >>> params = optax.apply_updates(params, updates)
   """
-  return alias.build_optimizer(
-      scale_by_mbf(damping=damping, stats_decay=stats_decay, stats_every=stats_every,
-                   inverse_every=inverse_every, block_size=block_size, fisher=fisher,
-                   preconditioner_dtype=preconditioner_dtype, partitions=partitions,
-                   fallback=fallback, layers=layers),
-      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
-      kl_clip=kl_clip)
+  return alias.optimizer(scale_by_mbf, **locals())

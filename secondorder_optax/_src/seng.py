@@ -45,7 +45,7 @@ many examples) or `subsample=k` (then the first k examples of any batch of at le
 used). A mismatch raises a `ValueError` naming both sizes. The plans (and so these sizes,
 `explicit_threshold`, `sketch_size`, `svd_rank`) are fixed at `init` and carried in the state's
 static structure, so `optax.inject_hyperparams` may inject them without effect after `init`;
-`damping`, `inverse_every` and `seed` can change between steps.
+`damping` and `inverse_every` can change between steps (`seed` is read at `init` too).
 
 **Refreshes.** Factors, Gram and inverse are recomputed from the current `curvature` where
 `count % inverse_every == 0` (step 0 included), under `lax.cond`, all same-size inverses in one
@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, NamedTuple, Optional, Sequence, Tuple, Union
 
 import flax.serialization
 import jax
@@ -68,9 +68,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from secondorder_optax._src import base, layerwise, linalg, patches
-from secondorder_optax._src.alias import build_optimizer
-from secondorder_optax._src.base import LayerPath, LayerStats, ScalarOrSchedule
+from secondorder_optax._src import alias, engine, layerwise, linalg, patches, validation
+from secondorder_optax._src.base import LayerPath, LayerStats, ScalarOrSchedule, path_to_str
 
 Array = jax.Array
 _HIGHEST = lax.Precision.HIGHEST
@@ -117,7 +116,7 @@ class ExplicitFactors(NamedTuple):
   Attributes:
     rows: `(k, d)`, row n is `vec(D_n)/√k` in the matrix view.
     kept_columns: `(s,)` coordinates the Gram's column sketch used at the last refresh
-      (empty: no sketch).
+      (a `(1,)` placeholder when the plan does not sketch).
   """
 
   rows: Array
@@ -132,8 +131,9 @@ class OuterProductFactors(NamedTuple):
   Attributes:
     inputs: `(k, p, d_in [+1])`.
     output_grads: `(k, p, d_out)`, including the `1/√k`.
-    kept_inputs: `(s_in,)` input coordinates the Gram's row sketch used (empty: none).
-    kept_outputs: `(s_out,)` output coordinates the Gram's row sketch used (empty: none).
+    kept_inputs: `(s_in,)` input coordinates the Gram's row sketch used (a `(1,)`
+      placeholder when the plan does not sketch them).
+    kept_outputs: `(s_out,)` output coordinates the Gram's row sketch used (likewise).
   """
 
   inputs: Array
@@ -143,19 +143,23 @@ class OuterProductFactors(NamedTuple):
 
 
 class SengLayerState(NamedTuple):
-  """Per-layer SENG state.
+  """SENG's preconditioner of one layer.
 
   Attributes:
     plan: the layer's static `SengPlan`.
     factors: the stale `U` (`ExplicitFactors` or `OuterProductFactors`).
     gram_inverse: `(λI_k + U Uᵀ)⁻¹` (with the sketched Gram where the plan sketches).
     damping: the λ of `gram_inverse` (read at the last refresh).
+    refreshes: successful refreshes so far (draws the sketches' fresh coordinates).
+    seed: the sketches' seed (from `init`).
   """
 
   plan: SengPlan
   factors: Union[ExplicitFactors, OuterProductFactors]
   gram_inverse: Array
   damping: Array
+  refreshes: Array
+  seed: Array
 
 
 # ---------------------------------------------------------------------------------------
@@ -163,16 +167,12 @@ class SengLayerState(NamedTuple):
 
 
 def _static_int(name: str, value: Any, minimum: int) -> int:
-  """A hyperparameter that fixes state shapes, as a Python int (clear error otherwise)."""
-  try:
-    number = int(value)
-  except (TypeError, jax.errors.ConcretizationTypeError) as e:
+  """A hyperparameter that fixes state shapes, concrete at init (clear error otherwise)."""
+  number = validation.check_structural_int(_METHOD, name, value, minimum)
+  if number is None:
     raise ValueError(
         f"{_METHOD}: {name} fixes the shapes of the optimizer state and must be a concrete "
-        f"integer at init, got {value!r}; with optax.inject_hyperparams pass "
-        f"static_args=('{name}',)") from e
-  if number != value or number < minimum:
-    raise ValueError(f"{_METHOD}: {name} must be an integer >= {minimum}, got {value!r}")
+        f"integer at init (call init outside jit); after init it is read from the state")
   return number
 
 
@@ -208,27 +208,25 @@ def _make_plan(info: layerwise.LayerInfo, examples: int, subsample: bool,
   return SengPlan(kind="low_rank", rank=svd_rank, sketch=rows, **common)
 
 
-def _empty_index() -> Array:
-  return jnp.zeros((0,), jnp.int32)
-
-
-def _initial_state(plan: SengPlan) -> SengLayerState:
+def _initial_state(plan: SengPlan, seed: int) -> SengLayerState:
   k = plan.examples
   d_in, d_out = plan.matrix_shape
+  index = lambda size: jnp.zeros((max(size, 1),), jnp.int32)
   if plan.kind == "explicit":
     factors = ExplicitFactors(rows=jnp.zeros((k, plan.size), jnp.float32),
-                              kept_columns=jnp.zeros((plan.sketch[0],), jnp.int32))
+                              kept_columns=index(plan.sketch[0]))
   else:
     sketch = plan.sketch or (0, 0)
     factors = OuterProductFactors(
         inputs=jnp.zeros((k, plan.rank, d_in), jnp.float32),
         output_grads=jnp.zeros((k, plan.rank, d_out), jnp.float32),
-        kept_inputs=jnp.zeros((sketch[0],), jnp.int32),
-        kept_outputs=jnp.zeros((sketch[1],), jnp.int32))
+        kept_inputs=index(sketch[0]), kept_outputs=index(sketch[1]))
   # Zero factors with damping 1: the direction is the gradient until the first refresh.
   return SengLayerState(plan=plan, factors=factors,
                         gram_inverse=jnp.zeros((k, k), jnp.float32),
-                        damping=jnp.ones((), jnp.float32))
+                        damping=jnp.ones((), jnp.float32),
+                        refreshes=jnp.zeros((), jnp.int32),
+                        seed=jnp.asarray(seed, jnp.int32))
 
 
 def _describe_plan(plan: SengPlan) -> str:
@@ -270,15 +268,16 @@ def _select_examples(stats: LayerStats, plan: SengPlan) -> LayerStats:
 
 
 def _sample(key: Array, dim: int, size: int) -> Array:
-  """`size` distinct coordinates of `range(dim)`, sorted; empty when `size` is 0."""
+  """`size` distinct coordinates of `range(dim)`, sorted; a `(1,)` placeholder when `size`
+  is 0 (no sketch)."""
   if size == 0:
-    return _empty_index()
+    return jnp.zeros((1,), jnp.int32)
   return jnp.sort(jax.random.choice(key, dim, (size,), replace=False)).astype(jnp.int32)
 
 
-def _sketched(matrix: Array, kept: Array) -> Array:
-  """Columns `kept` of `matrix` scaled by `√(dim/s)` (unbiased Gram); all when `kept` empty."""
-  if kept.shape[0] == 0:
+def _sketched(matrix: Array, kept: Array, size: int) -> Array:
+  """Columns `kept` of `matrix` scaled by `√(dim/s)` (unbiased Gram); all when `size` is 0."""
+  if size == 0:
     return matrix
   return matrix[:, kept] * math.sqrt(matrix.shape[1] / kept.shape[0])
 
@@ -289,8 +288,9 @@ def _explicit_factors(stats: LayerStats, plan: SengPlan, rng: Array) -> Explicit
   return ExplicitFactors(rows=rows, kept_columns=_sample(rng, plan.size, plan.sketch[0]))
 
 
-def _explicit_gram(factors: ExplicitFactors) -> Array:
-  return linalg.symmetric_gram(_sketched(factors.rows, factors.kept_columns), axis=0)
+def _explicit_gram(factors: ExplicitFactors, plan: SengPlan) -> Array:
+  return linalg.symmetric_gram(_sketched(factors.rows, factors.kept_columns, plan.sketch[0]),
+                               axis=0)
 
 
 def _top_singular_parts(inputs: Array, output_grads: Array, rank: int) -> Tuple[Array, Array]:
@@ -323,11 +323,12 @@ def _outer_product_factors(stats: LayerStats, plan: SengPlan,
       kept_outputs=_sample(out_rng, plan.matrix_shape[1], sketch[1]))
 
 
-def _outer_product_gram(factors: OuterProductFactors) -> Array:
+def _outer_product_gram(factors: OuterProductFactors, plan: SengPlan) -> Array:
   """`Σ_{j,l} (x_{n,j}·x_{m,l}) (γ_{n,j}·γ_{m,l})`: blocks of a Hadamard product of Grams."""
   k, p, _ = factors.inputs.shape
-  x = _sketched(factors.inputs.reshape(k * p, -1), factors.kept_inputs)
-  g = _sketched(factors.output_grads.reshape(k * p, -1), factors.kept_outputs)
+  sketch = plan.sketch or (0, 0)
+  x = _sketched(factors.inputs.reshape(k * p, -1), factors.kept_inputs, sketch[0])
+  g = _sketched(factors.output_grads.reshape(k * p, -1), factors.kept_outputs, sketch[1])
   products = linalg.symmetric_gram(x, axis=0) * linalg.symmetric_gram(g, axis=0)
   return products.reshape(k, p, k, p).sum(axis=(1, 3))
 
@@ -335,27 +336,9 @@ def _outer_product_gram(factors: OuterProductFactors) -> Array:
 def _refresh_factors(stats: LayerStats, plan: SengPlan, rng: Array):
   if plan.kind == "explicit":
     factors = _explicit_factors(stats, plan, rng)
-    return factors, _explicit_gram(factors)
+    return factors, _explicit_gram(factors, plan)
   factors = _outer_product_factors(stats, plan, rng)
-  return factors, _outer_product_gram(factors)
-
-
-def _refresh_layers(stats: Dict[str, LayerStats], states: Dict[str, SengLayerState],
-                    damping: Array, rng: Array) -> Tuple[Dict[str, SengLayerState], Array]:
-  """New factors and inverses of every layer; a non-finite layer keeps its old state."""
-  factors, grams = {}, {}
-  for index, key in enumerate(sorted(states)):
-    plan = states[key].plan
-    factors[key], grams[key] = _refresh_factors(stats[key], plan,
-                                                jax.random.fold_in(rng, index))
-  inverses = linalg.bucketed(lambda gram: linalg.damped_inverse(gram, damping), grams)
-  new_states, failures = {}, jnp.zeros((), jnp.int32)
-  for key, old in states.items():
-    fresh = SengLayerState(plan=old.plan, factors=factors[key], gram_inverse=inverses[key],
-                           damping=damping)
-    new_states[key], failed = linalg.keep_finite(fresh, old)
-    failures = failures + failed
-  return new_states, failures
+  return factors, _outer_product_gram(factors, plan)
 
 
 # ---------------------------------------------------------------------------------------
@@ -385,6 +368,68 @@ def _direction(state: SengLayerState, grad: Array) -> Array:
   weights = jnp.matmul(state.gram_inverse, _apply_u(state.factors, grad), precision=_HIGHEST)
   correction = _apply_u_transpose(state.factors, weights, grad.shape)
   return (grad - correction) / state.damping
+
+
+@dataclasses.dataclass(frozen=True)
+class SENG(engine.Algorithm):
+  """SENG: the damped empirical natural gradient by Sherman–Morrison–Woodbury.
+
+  No running statistics: each refresh builds `U` (or its factors) from the current batch and
+  inverts the k×k system; the plan of each layer is fixed at `init` and held in the state, so
+  the settings below are read at `init` only.
+  """
+
+  name = "seng"
+  positive_damping = True
+  refresh_reads_data = True
+  batch_size: Any = None
+  subsample: Any = None
+  explicit_threshold: Any = 1_000_000
+  sketch_size: Any = 256
+  svd_rank: Any = 16
+  sequence_paths: Tuple[LayerPath, ...] = ()
+  seed: int = 0
+
+  def plan(self, info: layerwise.LayerInfo) -> SengPlan:
+    if info.path in self.sequence_paths and len(info.kernel_shape) != 2:
+      raise ValueError(f"{_METHOD}: sequence_layers names {info.key}, which is not a dense "
+                       f"layer (kernel shape {info.kernel_shape})")
+    examples, is_subsample = _curvature_examples(self.batch_size, self.subsample)
+    sketch = None if self.sketch_size is None else _static_int("sketch_size",
+                                                               self.sketch_size, 1)
+    several = len(info.kernel_shape) > 2 or info.path in self.sequence_paths
+    return _make_plan(info, examples, is_subsample, several,
+                      _static_int("explicit_threshold", self.explicit_threshold, 0), sketch,
+                      _static_int("svd_rank", self.svd_rank, 1))
+
+  def init_preconditioner(self, info):
+    return _initial_state(self.plan(info), _static_int("seed", self.seed, 0))
+
+  def refresh(self, info, statistics, previous, damping, stats):
+    plan = previous.plan
+    if plan.kind == "hadamard" and patches.num_locations(stats) != 1:
+      raise ValueError(
+          f"{_METHOD}: dense layer {info.key} runs at {patches.num_locations(stats)} "
+          f"locations per example; list it in sequence_layers=[...] so that it uses the "
+          f"convolution paths")
+    _check_examples(stats, plan, info.key)
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(previous.seed),
+                                                previous.refreshes), info.index)
+    # Traced inside the refresh branch: steps without a refresh never slice the examples.
+    factors, gram = _refresh_factors(_select_examples(stats, plan), plan, rng)
+    assemble = lambda solved: SengLayerState(plan, factors, solved["gram"], damping,
+                                             previous.refreshes + 1, previous.seed)
+    return {"gram": (gram, damping)}, assemble
+
+  def solve(self, block):
+    gram, damping = block
+    return linalg.checked_damped_inverse(gram, damping.astype(gram.dtype))
+
+  def apply(self, info, state, statistics, grad, damping):
+    return _direction(state, grad)
+
+  def describe(self, info):
+    return _describe_plan(self.plan(info))
 
 
 # ---------------------------------------------------------------------------------------
@@ -447,57 +492,31 @@ def scale_by_seng(
     >>> direction["kernel"].shape
     (3, 2)
   """
-  if isinstance(damping, (int, float)) and damping <= 0:
-    raise ValueError(f"{_METHOD}: damping must be positive, got {damping}")
-  sequence_paths = {tuple(p) for p in sequence_layers}
+  validation.check_period(_METHOD, "inverse_every", inverse_every)
+  # Read at init only (the plans and seed live in the state): traced values (inject_hyperparams
+  # inside jit) are not kept, so the algorithm stays static.
+  concrete = validation.concrete
+  algorithm = SENG(batch_size=concrete(batch_size), subsample=concrete(subsample),
+                   explicit_threshold=concrete(explicit_threshold),
+                   sketch_size=concrete(sketch_size), svd_rank=concrete(svd_rank),
+                   sequence_paths=tuple(tuple(p) for p in sequence_layers),
+                   seed=concrete(seed))
+  inner = layerwise.layer_transformation(
+      algorithm, damping=damping, stats_decay=0.0, stats_every=inverse_every,
+      inverse_every=inverse_every, fallback=fallback, layers=layers, fisher="empirical",
+      needs="per-example layer inputs and output gradients, captured with "
+            "fisher='empirical'")
 
-  def plan_of(info: layerwise.LayerInfo) -> SengPlan:
-    examples, is_subsample = _curvature_examples(batch_size, subsample)
-    sketch = None if sketch_size is None else _static_int("sketch_size", sketch_size, 1)
-    several = len(info.kernel_shape) > 2 or info.path in sequence_paths
-    return _make_plan(info, examples, is_subsample, several,
-                      _static_int("explicit_threshold", explicit_threshold, 0), sketch,
-                      _static_int("svd_rank", svd_rank, 1))
-
-  def init_layer(info: layerwise.LayerInfo) -> SengLayerState:
-    if info.path in sequence_paths and len(info.kernel_shape) != 2:
-      raise ValueError(f"{_METHOD}: sequence_layers names {info.key}, which is not a dense "
-                       f"layer (kernel shape {info.kernel_shape})")
-    return _initial_state(plan_of(info))
-
-  def update_layers(infos, grads, stats, states, count, active):
-    missing = sequence_paths - {info.path for info in infos.values()}
+  def init_fn(params):
+    found = {info.path for info in layerwise.find_layers(layerwise.to_pure(params),
+                                                         layers).values()}
+    missing = set(algorithm.sequence_paths) - found
     if missing:
       raise ValueError(f"{_METHOD}: sequence_layers names paths that are not preconditioned "
-                       f"layers: {sorted(base.path_to_str(p) for p in missing)}")
-    for key, layer_stats in stats.items():
-      plan = states[key].plan
-      if plan.kind == "hadamard" and patches.num_locations(layer_stats) != 1:
-        raise ValueError(
-            f"{_METHOD}: dense layer {key} runs at {patches.num_locations(layer_stats)} "
-            f"locations per example; list it in sequence_layers=[...] so that it uses the "
-            f"convolution paths")
-      _check_examples(layer_stats, plan, key)
-    lam = base.hyperparameter_value(damping, count)
-    rng = jax.random.fold_in(jax.random.key(seed), count)
+                       f"layers: {sorted(path_to_str(p) for p in missing)}")
+    return inner.init(params)
 
-    def refreshed():
-      # The example selection is traced inside the refresh branch: steps without a refresh
-      # never slice the captured activations.
-      selected = {key: _select_examples(layer_stats, states[key].plan)
-                  for key, layer_stats in stats.items()}
-      return _refresh_layers(selected, states, lam, rng)
-
-    new_states, failures = base.refresh(
-        base.is_due(count, inverse_every) & active, refreshed,
-        (states, jnp.zeros((), jnp.int32)))
-    directions = {key: _direction(new_states[key], grads[key]) for key in grads}
-    return directions, new_states, failures
-
-  return layerwise.layerwise_transformation(
-      _METHOD, init_layer=init_layer, update_layers=update_layers, fallback=fallback,
-      layers=layers, describe_layer=lambda info: _describe_plan(plan_of(info)),
-      needs="per-example layer inputs and output gradients")
+  return optax.GradientTransformationExtraArgs(init_fn, inner.update)
 
 
 def seng(
@@ -554,11 +573,4 @@ def seng(
     >>> updates, state = tx.update(grads, state, params, curvature=curvature)
     >>> params = optax.apply_updates(params, updates)
   """
-  return build_optimizer(
-      scale_by_seng(damping=damping, batch_size=batch_size, subsample=subsample,
-                    inverse_every=inverse_every, explicit_threshold=explicit_threshold,
-                    sketch_size=sketch_size, svd_rank=svd_rank,
-                    sequence_layers=sequence_layers, seed=seed, fallback=fallback,
-                    layers=layers),
-      learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
-      kl_clip=kl_clip)
+  return alias.optimizer(scale_by_seng, **locals())

@@ -15,57 +15,66 @@ the direction and the well-tuned first-order method the step size.
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+import dataclasses
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from secondorder_optax._src import alias, layerwise, linalg
+from secondorder_optax._src import alias, engine, linalg, validation
 from secondorder_optax._src import tensor_modes as tm
-from secondorder_optax._src.base import (ScalarOrSchedule, all_finite, hyperparameter_value,
-                                         is_due, refresh, refresh_statistics, running_average,
-                                         select_tree)
+from secondorder_optax._src.base import ScalarOrSchedule
 
 Array = jax.Array
 _GRAFTS = ("rmsprop", "adam")
 
 
-class ShampooState(NamedTuple):
-  """State of `scale_by_shampoo`.
+@dataclasses.dataclass(frozen=True)
+class Shampoo(engine.Algorithm):
+  """Shampoo: per-mode inverse roots `(H_i + εI)^(-1/(2k))` of the gradient statistics."""
 
-  Attributes:
-    count: number of steps taken (with finite gradients).
-    statistics: per leaf key (`"Dense_0/kernel"`), the statistics `H_i` per mode
-      (`(d_i, d_i)`, or `(d_i,)` for a diagonal mode), summed or running-averaged.
-    roots: per leaf key, the inverse roots `(H_i + εI)^(-1/(2k))` per mode.
-    graft: state of the grafting transformation over the leaves keyed by leaf key
-      (`optax.EmptyState()` without grafting).
-    failures: how many eigendecompositions gave non-finite results (each kept the previous
-      root).
-  """
+  name = "shampoo"
+  preconditioner_dtype: Any = None
 
-  count: Array
-  statistics: Dict[str, tm.Factors]
-  roots: Dict[str, tm.Factors]
-  graft: Any
-  failures: Array
+  def init_statistics(self, layout):
+    return tm.zero_factors(layout, layout.dtype)
 
+  def init_preconditioner(self, layout):
+    return tm.identity_factors(layout,
+                               linalg.refreshed_dtype(layout.dtype, self.preconditioner_dtype))
 
-def _inverse_root(damping: Array):
-  def root(item) -> Array:
-    factor, exponent = item
+  def statistics(self, layout, grad):
+    return tm.mode_statistics(grad, layout)
+
+  def refresh(self, layout, statistics, previous, damping, data):
+    exponent = jnp.asarray(2.0 * layout.order, jnp.float32)
+    blocks = {str(i): (stat, damping, exponent) for i, stat in enumerate(statistics)}
+    return blocks, lambda solved: tuple(solved[str(i)] for i in range(layout.order))
+
+  def solve(self, block):
+    factor, damping, exponent = block
+    damping, exponent = damping.astype(factor.dtype), exponent.astype(factor.dtype)
     if factor.ndim == 1:
-      return (jnp.maximum(factor, 0.0) + damping.astype(factor.dtype)) ** (-1.0 / exponent)
+      return (jnp.maximum(factor, 0.0) + damping) ** (-1.0 / exponent)
     return linalg.inverse_root(factor, exponent, damping)
-  return root
+
+  def apply(self, layout, roots, statistics, grad, damping):
+    return tm.apply_factors(grad, roots)
+
+  def describe(self, layout):
+    return tm.describe_layout(layout)
+
+
+class GraftState(NamedTuple):
+  """State of a grafted direction: the direction's and the grafted method's states."""
+
+  direction: Any
+  graft: Any
 
 
 def _graft_transformation(graft: Optional[str], decay: float, eps: float,
                           momentum: float) -> optax.GradientTransformation:
-  if graft is None:
-    return optax.identity()
   if graft == "rmsprop":
     return optax.scale_by_rms(decay=decay, eps=eps, eps_in_sqrt=False, bias_correction=True)
   if graft == "adam":
@@ -75,66 +84,31 @@ def _graft_transformation(graft: Optional[str], decay: float, eps: float,
 
 def _graft_norm(direction: Array, graft_step: Array) -> Array:
   """`direction` rescaled to the norm of `graft_step` (zero where the direction is zero)."""
-  norm = jnp.linalg.norm(direction)
-  scale = jnp.where(norm > 0, jnp.linalg.norm(graft_step) / jnp.where(norm > 0, norm, 1.0),
-                    0.0)
-  return direction * scale
+  direction32 = direction.astype(jnp.float32)
+  norm = jnp.linalg.norm(direction32)
+  safe = jnp.where(norm > 0, norm, 1.0)
+  scale = jnp.where(norm > 0, jnp.linalg.norm(graft_step.astype(jnp.float32)) / safe, 0.0)
+  return (direction32 * scale).astype(direction.dtype)
 
 
-class _Settings(NamedTuple):
-  """The step's hyperparameters as arrays (they may be traced by `inject_hyperparams`)."""
+def grafted(direction: optax.GradientTransformation,
+          step: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """Layer-wise grafting: each leaf of `direction`'s output rescaled to the norm of `step`'s
+  output for the same leaf (`step`'s state is left as it is on non-finite updates)."""
+  direction = optax.with_extra_args_support(direction)
+  step = alias.keep_state_if_nonfinite(step)
 
-  damping: Array
-  stats_decay: Array
-  stats_every: Array
-  inverse_every: Array
-  graft_decay: Array
-  graft_eps: Array
-  graft_momentum: Array
+  def init_fn(params):
+    return GraftState(direction=direction.init(params), graft=step.init(params))
 
+  def update_fn(updates, state, params=None, **extra_args):
+    directions, direction_state = direction.update(updates, state.direction, params,
+                                                   **extra_args)
+    steps, graft_state = step.update(updates, state.graft, params)
+    out = jax.tree.map(_graft_norm, directions, steps)
+    return out, GraftState(direction=direction_state, graft=graft_state)
 
-@functools.partial(jax.jit, static_argnames=("layouts", "graft", "summed"))
-def _shampoo_step(updates: Dict[str, Array], state: ShampooState, settings: _Settings, *,
-                  layouts: Tuple[Tuple[str, tm.ModeLayout], ...], graft: Optional[str],
-                  summed: bool):
-  """One Shampoo step on leaves keyed by leaf key; compiled once per model layout, so
-  eager (un-jitted) use is fast too."""
-  layouts = dict(layouts)
-  count = state.count
-  # A step with non-finite gradients leaves the state as it is (no whole-state select).
-  active = all_finite(updates)
-  grads = {key: tm.to_modes(leaf.astype(state.statistics[key][0].dtype), layouts[key])
-           for key, leaf in updates.items()}
-
-  def new_statistics():
-    batch = {key: tm.mode_statistics(grads[key], layout) for key, layout in layouts.items()}
-    if summed:
-      return jax.tree.map(jnp.add, state.statistics, batch)
-    return running_average(state.statistics, batch, settings.stats_decay, count == 0)
-
-  statistics = refresh_statistics(is_due(count, settings.stats_every) & active,
-                                  new_statistics, state.statistics)
-
-  def new_roots():
-    items = {key: tuple((stat, jnp.asarray(2.0 * layout.order, stat.dtype))
-                        for stat in statistics[key]) for key, layout in layouts.items()}
-    return tm.map_factors(_inverse_root(settings.damping), items, state.roots)
-
-  roots, failures = refresh(is_due(count, settings.inverse_every) & active, new_roots,
-                            (state.roots, jnp.zeros((), jnp.int32)))
-  directions = {key: tm.apply_factors(grads[key], roots[key]) for key in layouts}
-  grafting = _graft_transformation(graft, settings.graft_decay, settings.graft_eps,
-                                   settings.graft_momentum)
-  graft_steps, graft_state = grafting.update(updates, state.graft)
-  if graft is not None:
-    directions = {key: _graft_norm(directions[key], graft_steps[key].astype(directions[key].dtype))
-                  for key in layouts}
-  out = {key: tm.from_modes(directions[key], layout).astype(updates[key].dtype)
-         for key, layout in layouts.items()}
-  new_state = ShampooState(count=count + active.astype(count.dtype), statistics=statistics,
-                           roots=roots, graft=select_tree(active, graft_state, state.graft),
-                           failures=state.failures + failures)
-  return out, new_state
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def scale_by_shampoo(
@@ -183,49 +157,18 @@ def scale_by_shampoo(
     >>> state = tx.init(params)
     >>> grads = {"w": jnp.full((3, 2), 0.5), "scale": jnp.ones(())}
     >>> updates, state = tx.update(grads, state, params)
-    >>> updates["w"].shape, int(state.count)
+    >>> updates["w"].shape, int(state.direction.count)
     ((3, 2), 1)
   """
-  tm.check_periods(stats_every=stats_every, inverse_every=inverse_every)
-  preconditioner_dtype = linalg.check_preconditioner_dtype("shampoo", preconditioner_dtype)
-  grafting = _graft_transformation(graft, graft_decay, graft_eps, graft_momentum)
-
-  def init_fn(params):
-    layouts, statistics, roots = tm.initial_factors(params, max_factor_dim,
-                                                    preconditioner_dtype)
-    return ShampooState(count=jnp.zeros((), jnp.int32), statistics=statistics, roots=roots,
-                        graft=grafting.init(dict(zip(layouts, jax.tree.leaves(params)))),
-                        failures=jnp.zeros((), jnp.int32))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del params, extra_args
-    keys = tm.leaf_keys(updates)
-    leaves, treedef = jax.tree.flatten(updates)
-    layouts = tm.state_layouts("shampoo", keys, leaves, state.statistics)
-    settings = _Settings(
-        damping=hyperparameter_value(damping, state.count),
-        stats_decay=hyperparameter_value(0.0 if stats_decay is None else stats_decay,
-                                         state.count),
-        stats_every=jnp.asarray(stats_every, jnp.int32),
-        inverse_every=jnp.asarray(inverse_every, jnp.int32),
-        graft_decay=jnp.asarray(graft_decay, jnp.float32),
-        graft_eps=jnp.asarray(graft_eps, jnp.float32),
-        graft_momentum=jnp.asarray(graft_momentum, jnp.float32))
-    directions, new_state = _shampoo_step(
-        dict(zip(keys, leaves)), state, settings, layouts=tuple(layouts.items()),
-        graft=graft, summed=stats_decay is None)
-    return jax.tree.unflatten(treedef, [directions[key] for key in keys]), new_state
-
-  tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-  def describe(params):
-    rules = tm.describe_leaves("shampoo", params, max_factor_dim)
-    if graft is not None:
-      rules = {path: f"{rule}, grafted to {graft}" for path, rule in rules.items()}
-    return rules
-
-  layerwise.register_description(tx, describe)
-  return tx
+  preconditioner_dtype = validation.check_preconditioner_dtype("shampoo",
+                                                               preconditioner_dtype)
+  tx = tm.factor_transformation(
+      Shampoo(preconditioner_dtype), damping=damping, stats_decay=stats_decay,
+      stats_every=stats_every, inverse_every=inverse_every, max_factor_dim=max_factor_dim,
+      summed_statistics=True)
+  if graft is None:
+    return tx
+  return grafted(tx, _graft_transformation(graft, graft_decay, graft_eps, graft_momentum))
 
 
 def shampoo(

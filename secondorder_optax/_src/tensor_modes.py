@@ -16,22 +16,21 @@ needs no static hyperparameters.
 
 Functions here: the layout (`mode_layout`), the per-mode second moments of a tensor
 (`mode_statistics`: contraction over all the other modes), applying one factor per mode
-(`apply_factors`: `X ×_1 F_1 ×_2 … ×_k F_k`) and mapping a function over every factor of a
-model with one batched call per group of same-size factors (`map_factors`, through
-`linalg.bucketed_keep_finite`).
+(`apply_factors`: `X ×_1 F_1 ×_2 … ×_k F_k`), and `LeafCoverage`, which makes every
+parameter leaf one unit of the refresh engine (TNT, Shampoo).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from secondorder_optax._src import layerwise, linalg
-from secondorder_optax._src.base import path_to_str, stats_dtype
+from secondorder_optax._src import engine, layerwise, linalg, validation
+from secondorder_optax._src.base import Curvature, path_to_str, stats_dtype
 
 Array = jax.Array
 Factors = Tuple[Array, ...]
@@ -45,11 +44,13 @@ class ModeLayout:
     shape: the leaf's own shape.
     modes: the mode sizes `(d_1, ..., d_k)`; their product is the leaf's size.
     diagonal: per mode, whether its factor is kept as a diagonal only.
+    dtype: the dtype of its statistics (the leaf's, float32 at least).
   """
 
   shape: Tuple[int, ...]
   modes: Tuple[int, ...]
   diagonal: Tuple[bool, ...]
+  dtype: Any = jnp.dtype(jnp.float32)
 
   @property
   def order(self) -> int:
@@ -72,12 +73,14 @@ def tensor_modes(shape: Tuple[int, ...]) -> Tuple[int, ...]:
   return modes
 
 
-def mode_layout(shape: Tuple[int, ...], max_factor_dim: int) -> ModeLayout:
+def mode_layout(shape: Tuple[int, ...], max_factor_dim: int, dtype: Any = jnp.float32
+                ) -> ModeLayout:
   """The layout of a leaf: its modes, diagonal where above `max_factor_dim` or scalar."""
   modes = tensor_modes(shape)
   scalar = math.prod(shape) == 1
   return ModeLayout(shape=tuple(shape), modes=modes,
-                    diagonal=tuple(scalar or d > max_factor_dim for d in modes))
+                    diagonal=tuple(scalar or d > max_factor_dim for d in modes),
+                    dtype=stats_dtype(dtype))
 
 
 def layout_from_factors(shape: Tuple[int, ...], factors: Factors) -> ModeLayout:
@@ -89,50 +92,13 @@ def layout_from_factors(shape: Tuple[int, ...], factors: Factors) -> ModeLayout:
         f"factors of shapes {[tuple(f.shape) for f in factors]}; was the state initialised "
         f"for other parameters?")
   return ModeLayout(shape=tuple(shape), modes=modes,
-                    diagonal=tuple(f.ndim == 1 for f in factors))
+                    diagonal=tuple(f.ndim == 1 for f in factors), dtype=factors[0].dtype)
 
 
-def static_int(value: Any, name: str) -> int:
-  """A concrete positive integer setting (it decides factor shapes), with clear errors."""
-  if isinstance(value, jax.core.Tracer):
-    raise ValueError(
-        f"{name} decides the shapes of the factors and must be a concrete integer; with "
-        f"optax.inject_hyperparams pass static_args=('{name}',) or call init outside jit")
-  number = int(value)
-  if number != value or number < 1:
-    raise ValueError(f"{name} must be a positive integer, got {value}")
-  return number
-
-
-def check_periods(**periods: Any) -> None:
-  """Validates refresh periods (`stats_every=...`) that are concrete; traced ones pass."""
-  for name, value in periods.items():
-    if not isinstance(value, jax.core.Tracer) and (int(value) != value or int(value) < 1):
-      raise ValueError(f"{name} must be a positive integer, got {value}")
-
-
-def layouts(params: Any, max_factor_dim: Any) -> Dict[str, ModeLayout]:
+def layouts(params: Any, max_factor_dim: int) -> Dict[str, ModeLayout]:
   """The layout of every leaf of `params`, keyed by leaf key, in `jax.tree.leaves` order."""
-  limit = static_int(max_factor_dim, "max_factor_dim")
-  return {key: mode_layout(jnp.shape(leaf), limit)
+  return {key: mode_layout(jnp.shape(leaf), max_factor_dim, jnp.asarray(leaf).dtype)
           for key, leaf in zip(leaf_keys(params), jax.tree.leaves(params))}
-
-
-def describe_leaves(method: str, params: Any, max_factor_dim: Any) -> Dict[tuple, str]:
-  """`{leaf path tuple: "<method>: modes (...), ..."}` for `soo.describe`."""
-  by_key = layouts(params, max_factor_dim)
-  return {path: f"{method}: {describe_layout(by_key[path_to_str(path)])}"
-          for path in layerwise.leaf_paths(params)}
-
-
-def state_layouts(method: str, keys: Tuple[str, ...], leaves: Any,
-                  statistics: Dict[str, Factors]) -> Dict[str, ModeLayout]:
-  """The layout of every updated leaf, read from the factor shapes held in the state."""
-  if set(keys) != set(statistics):
-    raise ValueError(f"{method}: the updates have leaves {sorted(keys)} but the state was "
-                     f"initialised for {sorted(statistics)}")
-  return {key: layout_from_factors(jnp.shape(leaf), statistics[key])
-          for key, leaf in zip(keys, leaves)}
 
 
 def describe_layout(layout: ModeLayout) -> str:
@@ -157,21 +123,6 @@ def identity_factors(layout: ModeLayout, dtype: Any) -> Factors:
   """Identity preconditioners in the layout's factor shapes."""
   return tuple(jnp.ones((d,), dtype) if diag else jnp.eye(d, dtype=dtype)
                for d, diag in zip(layout.modes, layout.diagonal))
-
-
-def initial_factors(params: Any, max_factor_dim: Any, preconditioner_dtype: Any = None
-                    ) -> Tuple[Dict[str, ModeLayout], Dict[str, Factors], Dict[str, Factors]]:
-  """Per leaf key: its layout, zero statistics (float32 at least) and identity
-  preconditioners (in `preconditioner_dtype`, default the statistics' dtype), the
-  starting state shared by TNT and Shampoo."""
-  leaf_layouts = layouts(params, max_factor_dim)
-  statistics, identities = {}, {}
-  for (key, layout), leaf in zip(leaf_layouts.items(), jax.tree.leaves(params)):
-    dtype = stats_dtype(jnp.asarray(leaf).dtype)
-    statistics[key] = zero_factors(layout, dtype)
-    identities[key] = identity_factors(layout,
-                                       linalg.refreshed_dtype(dtype, preconditioner_dtype))
-  return leaf_layouts, statistics, identities
 
 
 def to_modes(leaf: Array, layout: ModeLayout) -> Array:
@@ -224,23 +175,91 @@ def leaf_keys(tree: Any) -> Tuple[str, ...]:
   return keys
 
 
-def map_factors(fn: Callable[[Any], Array], items: Dict[str, Tuple[Any, ...]],
-                previous: Dict[str, Factors]) -> Tuple[Dict[str, Factors], Array]:
-  """Applies `fn` to every per-mode item of every leaf, one batched call per size group.
+def _check_leaves(method: str, source: Any, updates: Any, what: str) -> None:
+  """Same leaves (count and shapes, in order) as the updates. Containers may differ: an
+  `nnx.State` of `nnx.Param`s and the plain `nnx.State` that `nnx.Optimizer` passes hold the
+  same leaves."""
+  source_shapes = [tuple(jnp.shape(x)) for x in jax.tree.leaves(source)]
+  update_shapes = [tuple(jnp.shape(x)) for x in jax.tree.leaves(updates)]
+  if source_shapes != update_shapes:
+    raise ValueError(
+        f"{method}: {what} must have the leaves of the updates; got leaf shapes "
+        f"{source_shapes} for updates {update_shapes}")
 
-  Args:
-    fn: function of one item (a factor, or a pytree holding one) returning an array; it
-      is `vmap`ped over all items of the same shapes in the whole model.
-    items: per leaf key, a tuple with one item per mode.
-    previous: per leaf key, the previous results; a non-finite result keeps its previous
-      value (`linalg.bucketed_keep_finite`).
 
-  Returns:
-    `(results, failures)`: per leaf key a tuple of results, and the number of failures.
+@dataclasses.dataclass(frozen=True)
+class LeafCoverage(engine.Coverage):
+  """Every parameter leaf is a unit, seen as a tensor with per-mode factors.
+
+  Attributes:
+    max_factor_dim: modes larger than this keep a diagonal factor (read at `init`; at
+      `update` the layout is read from the factor shapes in the state, so this may be
+      traced by `optax.inject_hyperparams`).
+    uses_curvature: the statistics come from `curvature.fisher_grads` when a curvature is
+      given (TNT), else from `statistics_grads=` or the updates; without it (Shampoo) they
+      always come from the updates.
   """
-  flat = {(key, i): item for key, per_mode in items.items() for i, item in enumerate(per_mode)}
-  flat_previous = {(key, i): prev for key, per_mode in previous.items()
-                   for i, prev in enumerate(per_mode)}
-  results, failures = linalg.bucketed_keep_finite(fn, flat, flat_previous)
-  return {key: tuple(results[(key, i)] for i in range(len(per_mode)))
-          for key, per_mode in items.items()}, failures
+
+  max_factor_dim: Optional[int] = None
+  uses_curvature: bool = False
+
+  def units(self, method, params, statistics):
+    keys, leaves = leaf_keys(params), jax.tree.leaves(params)
+    if statistics is None:
+      if self.max_factor_dim is None:
+        raise ValueError(f"{method}: max_factor_dim fixes the factor shapes and must be a "
+                         f"concrete integer at init (call init outside jit)")
+      return layouts(params, self.max_factor_dim)
+    if set(keys) != set(statistics):
+      raise ValueError(f"{method}: the updates have leaves {sorted(keys)} but the state was "
+                       f"initialised for {sorted(statistics)}")
+    return {key: layout_from_factors(jnp.shape(leaf), statistics[key])
+            for key, leaf in zip(keys, leaves)}
+
+  def source(self, method, updates, units, curvature, extra_args):
+    statistics_grads = extra_args.get("statistics_grads")
+    if self.uses_curvature and curvature is not None:
+      if not isinstance(curvature, Curvature):
+        raise ValueError(f"{method}: curvature= must be a soo.Curvature (or None), got "
+                         f"{type(curvature).__name__}")
+      shapes = jax.eval_shape(lambda c: c.materialize()[1], curvature)
+      _check_leaves(method, shapes, updates, "curvature.fisher_grads")
+      return layerwise.ready_curvature(curvature)
+    if self.uses_curvature and statistics_grads is not None:
+      _check_leaves(method, statistics_grads, updates, "statistics_grads")
+      return layerwise.to_pure(statistics_grads)
+    return updates
+
+  def read(self, source, units):
+    if isinstance(source, Curvature):
+      source = source.materialize()[1]
+    return {key: to_modes(leaf.astype(layout.dtype), layout)
+            for (key, layout), leaf in zip(units.items(), jax.tree.leaves(source))}
+
+  def gather(self, updates, units):
+    return self.read(updates, units)
+
+  def scatter(self, directions, updates, units):
+    leaves, treedef = jax.tree.flatten(updates)
+    return jax.tree.unflatten(treedef, [
+        from_modes(directions[key], layout).astype(leaf.dtype)
+        for (key, layout), leaf in zip(units.items(), leaves)])
+
+  def leaf_rules(self, algorithm, params, units, fallback_name, captured=None):
+    return {path: f"{algorithm.name}: {algorithm.describe(units[path_to_str(path)])}"
+            for path in layerwise.leaf_paths(params)}
+
+
+def factor_transformation(algorithm: engine.Algorithm, *, damping: Any, stats_decay: Any,
+                          stats_every: Any, inverse_every: Any, max_factor_dim: Any,
+                          uses_curvature: bool = False, summed_statistics: bool = False):
+  """The engine's transformation of a per-leaf `algorithm`, its arguments checked."""
+  validation.check_schedule(algorithm.name, damping=damping, stats_decay=stats_decay,
+                            stats_every=stats_every, inverse_every=inverse_every,
+                            positive_damping=algorithm.positive_damping,
+                            summed_statistics=summed_statistics)
+  limit = validation.check_structural_int(algorithm.name, "max_factor_dim", max_factor_dim)
+  return engine.transformation(
+      algorithm, LeafCoverage(max_factor_dim=limit, uses_curvature=uses_curvature),
+      damping=damping, stats_decay=stats_decay, stats_every=stats_every,
+      inverse_every=inverse_every)

@@ -17,38 +17,18 @@ TNT only needs parameter shapes, so it works on any pytree, with or without `cur
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+import dataclasses
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from secondorder_optax._src import alias, layerwise, linalg
+from secondorder_optax._src import alias, engine, linalg, validation
 from secondorder_optax._src import tensor_modes as tm
-from secondorder_optax._src.base import (Curvature, ScalarOrSchedule, all_finite,
-                                         hyperparameter_value, is_due, refresh,
-                                         refresh_statistics, running_average)
+from secondorder_optax._src.base import ScalarOrSchedule
 
 Array = jax.Array
-
-
-class TNTState(NamedTuple):
-  """State of `scale_by_tnt`.
-
-  Attributes:
-    count: number of steps taken (with finite gradients).
-    statistics: per leaf key (`"Dense_0/kernel"`), the running averages `C_i` per mode
-      (`(d_i, d_i)`, or `(d_i,)` for a diagonal mode).
-    inverses: per leaf key, the damped inverses `P_i = (U_i + εI)⁻¹` per mode.
-    failures: how many factor inversions gave non-finite results (each kept the previous
-      inverse).
-  """
-
-  count: Array
-  statistics: Dict[str, tm.Factors]
-  inverses: Dict[str, tm.Factors]
-  failures: Array
 
 
 def normalized_factors(statistics: tm.Factors, layout: tm.ModeLayout) -> tm.Factors:
@@ -61,108 +41,40 @@ def normalized_factors(statistics: tm.Factors, layout: tm.ModeLayout) -> tm.Fact
                for stat, dim in zip(statistics, layout.modes))
 
 
-def _damped_inverse(damping: Array):
-  def invert(factor: Array) -> Array:
+@dataclasses.dataclass(frozen=True)
+class TNT(engine.Algorithm):
+  """Tensor Normal Training: per-mode factors normalised to share one average eigenvalue."""
+
+  name = "tnt"
+  preconditioner_dtype: Any = None
+
+  def init_statistics(self, layout):
+    return tm.zero_factors(layout, layout.dtype)
+
+  def init_preconditioner(self, layout):
+    return tm.identity_factors(layout,
+                               linalg.refreshed_dtype(layout.dtype, self.preconditioner_dtype))
+
+  def statistics(self, layout, grad):
+    return tm.mode_statistics(grad, layout)
+
+  def refresh(self, layout, statistics, previous, damping, data):
+    factors = normalized_factors(statistics, layout)
+    blocks = {str(i): (factor, damping) for i, factor in enumerate(factors)}
+    return blocks, lambda solved: tuple(solved[str(i)] for i in range(layout.order))
+
+  def solve(self, block):
+    factor, damping = block
+    damping = damping.astype(factor.dtype)
     if factor.ndim == 1:
-      return 1.0 / (factor + damping.astype(factor.dtype))
-    return linalg.damped_inverse(factor, damping)
-  return invert
+      return 1.0 / (factor + damping)
+    return linalg.checked_damped_inverse(factor, damping)
 
+  def apply(self, layout, inverses, statistics, grad, damping):
+    return tm.apply_factors(grad, inverses)
 
-def _statistics_source(updates: Any, curvature: Optional[Curvature],
-                       statistics_grads: Optional[Any]) -> Any:
-  """The gradients the factors are estimated from, with clear errors for bad input."""
-  if curvature is None:
-    source, what = (updates, None) if statistics_grads is None else (
-        statistics_grads, "statistics_grads")
-  elif isinstance(curvature, Curvature):
-    if _defer_reading(curvature):
-      # Checked on shapes only; the extra backward pass runs inside the statistics refresh.
-      shapes = jax.eval_shape(lambda c: c.fisher_grads, curvature)
-      _check_structure(shapes, updates, "curvature.fisher_grads")
-      return curvature
-    source, what = curvature.fisher_grads, "curvature.fisher_grads"
-  else:
-    raise ValueError(f"tnt: curvature= must be a soo.Curvature (or None), got "
-                     f"{type(curvature).__name__}")
-  if what is not None:
-    _check_structure(source, updates, what)
-  return source
-
-
-def _check_structure(source: Any, updates: Any, what: str) -> None:
-  """Same leaves (count and shapes, in order) as the updates. Containers may differ: an
-  `nnx.State` of `nnx.Param`s and the plain `nnx.State` that `nnx.Optimizer` passes hold the
-  same leaves."""
-  source_shapes = [tuple(jnp.shape(x)) for x in jax.tree.leaves(source)]
-  update_shapes = [tuple(jnp.shape(x)) for x in jax.tree.leaves(updates)]
-  if source_shapes != update_shapes:
-    raise ValueError(
-        f"tnt: {what} must have the leaves of the updates; got leaf shapes {source_shapes} "
-        f"for updates {update_shapes} ({jax.tree.structure(source)} vs "
-        f"{jax.tree.structure(updates)})")
-
-
-def _defer_reading(curvature: Curvature) -> bool:
-  """Read a deferred curvature inside the jitted step only when already tracing (eager
-  calls materialize it now, so the step's compile cache is not keyed on a fresh VJP)."""
-  return curvature.is_deferred and any(
-      isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(curvature.finite_check_leaves()))
-
-
-def _source_leaves(sources: Any, keys) -> Dict[str, Array]:
-  """Leaves keyed like the updates, from a dict of leaves or a deferred `Curvature`."""
-  if isinstance(sources, Curvature):
-    return dict(zip(keys, jax.tree.leaves(sources.fisher_grads)))
-  return sources
-
-
-class _Settings(NamedTuple):
-  """The step's hyperparameters as arrays (they may be traced by `inject_hyperparams`)."""
-
-  damping: Array
-  stats_decay: Array
-  stats_every: Array
-  inverse_every: Array
-
-
-@functools.partial(jax.jit, static_argnames=("layouts",))
-def _tnt_step(updates: Dict[str, Array], sources: Any, state: TNTState,
-              settings: _Settings, *, layouts: Tuple[Tuple[str, tm.ModeLayout], ...]):
-  """One TNT step on leaves keyed by leaf key; compiled once per model layout, so eager
-  (un-jitted) use is fast too."""
-  layouts = dict(layouts)
-  count = state.count
-  # A step with non-finite gradients leaves the state as it is; statistics from a
-  # non-finite curvature are dropped inside the refresh (no whole-state select).
-  active = all_finite(updates)
-
-  def new_statistics():
-    batch = {}
-    for key, grad in _source_leaves(sources, tuple(layouts)).items():
-      dtype = state.statistics[key][0].dtype
-      batch[key] = tm.mode_statistics(tm.to_modes(grad.astype(dtype), layouts[key]),
-                                      layouts[key])
-    return running_average(state.statistics, batch, settings.stats_decay, count == 0)
-
-  statistics = refresh_statistics(is_due(count, settings.stats_every) & active,
-                                  new_statistics, state.statistics)
-
-  def new_inverses():
-    factors = {key: normalized_factors(statistics[key], layout)
-               for key, layout in layouts.items()}
-    return tm.map_factors(_damped_inverse(settings.damping), factors, state.inverses)
-
-  inverses, failures = refresh(is_due(count, settings.inverse_every) & active, new_inverses,
-                               (state.inverses, jnp.zeros((), jnp.int32)))
-  directions = {}
-  for key, update in updates.items():
-    tensor = tm.to_modes(update.astype(state.statistics[key][0].dtype), layouts[key])
-    directions[key] = tm.from_modes(tm.apply_factors(tensor, inverses[key]),
-                                    layouts[key]).astype(update.dtype)
-  new_state = TNTState(count=count + active.astype(count.dtype), statistics=statistics,
-                       inverses=inverses, failures=state.failures + failures)
-  return directions, new_state
+  def describe(self, layout):
+    return tm.describe_layout(layout)
 
 
 def scale_by_tnt(
@@ -207,39 +119,11 @@ def scale_by_tnt(
     >>> updates["w"].shape, int(state.count)
     ((3, 2), 1)
   """
-  tm.check_periods(stats_every=stats_every, inverse_every=inverse_every)
-  preconditioner_dtype = linalg.check_preconditioner_dtype("tnt", preconditioner_dtype)
-
-  def init_fn(params):
-    _, statistics, inverses = tm.initial_factors(params, max_factor_dim, preconditioner_dtype)
-    return TNTState(count=jnp.zeros((), jnp.int32), statistics=statistics, inverses=inverses,
-                    failures=jnp.zeros((), jnp.int32))
-
-  def update_fn(updates, state, params=None, *, curvature=None, statistics_grads=None,
-                **extra_args):
-    del params, extra_args
-    source = _statistics_source(updates, curvature, statistics_grads)
-    keys = tm.leaf_keys(updates)
-    leaves, treedef = jax.tree.flatten(updates)
-    layouts = tm.state_layouts("tnt", keys, leaves, state.statistics)
-    settings = _Settings(
-        damping=hyperparameter_value(damping, state.count),
-        stats_decay=hyperparameter_value(stats_decay, state.count),
-        stats_every=jnp.asarray(stats_every, jnp.int32),
-        inverse_every=jnp.asarray(inverse_every, jnp.int32))
-    if not isinstance(source, Curvature):
-      source = dict(zip(keys, jax.tree.leaves(source)))
-    directions, new_state = _tnt_step(dict(zip(keys, leaves)), source, state,
-                                      settings, layouts=tuple(layouts.items()))
-    return jax.tree.unflatten(treedef, [directions[key] for key in keys]), new_state
-
-  tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-  def describe(params):
-    return tm.describe_leaves("tnt", params, max_factor_dim)
-
-  layerwise.register_description(tx, describe)
-  return tx
+  preconditioner_dtype = validation.check_preconditioner_dtype("tnt", preconditioner_dtype)
+  return tm.factor_transformation(
+      TNT(preconditioner_dtype), damping=damping, stats_decay=stats_decay,
+      stats_every=stats_every, inverse_every=inverse_every, max_factor_dim=max_factor_dim,
+      uses_curvature=True)
 
 
 def tnt(
@@ -305,7 +189,5 @@ def tnt(
       extra_args.setdefault("statistics_grads", updates)
     return inner.update(updates, state, params, curvature=curvature, **extra_args)
 
-  tx = optax.GradientTransformationExtraArgs(inner.init, update_fn)
-  layerwise.register_description(tx, layerwise.description_of(preconditioner))
-  return tx
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
