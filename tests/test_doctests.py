@@ -18,6 +18,10 @@ MODULES = [
     "secondorder_optax._src.shampoo",
     "secondorder_optax._src.mbf",
     "secondorder_optax._src.seng",
+    "secondorder_optax._src.engine",
+    "secondorder_optax._src.kronecker",
+    "secondorder_optax._src.mini_blocks",
+    "secondorder_optax._src.seng_factors",
 ]
 
 

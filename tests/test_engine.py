@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 import secondorder_optax as soo
@@ -189,7 +190,6 @@ def test_sampled_curvature_and_unknown_fisher_are_rejected():
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_orbax_round_trip_resumes_bit_identically(method, tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
   params, x, y, curv_fn = _problem(method)
   tx = getattr(soo, method)(0.05, **METHODS[method], inverse_every=2)
 

@@ -190,6 +190,17 @@ class PreconditionerState(NamedTuple):
     fallback: state of the fallback transformation on the leaves no unit covers.
     spec: what the state was built for (static: the parameter shapes, for clear errors, and
       the method, for `soo.describe`).
+
+  Example:
+    >>> import jax.numpy as jnp, secondorder_optax as soo
+    >>> state = soo.scale_by_kfac(damping=1e-3).init({"Dense_0": {"kernel": jnp.ones((4, 3))}})
+    >>> int(state.count), int(state.failures), sorted(state.preconditioner)
+    (0, 0, ['Dense_0'])
+    >>> state.preconditioner["Dense_0"].input_inverse  # the identity until the first refresh
+    Array([[1., 0., 0., 0.],
+           [0., 1., 0., 0.],
+           [0., 0., 1., 0.],
+           [0., 0., 0., 1.]], dtype=float32)
   """
 
   count: Array

@@ -23,115 +23,21 @@ kfac-jax's KFAC at damping `λ` equals `N ×` ours at damping `N·λ`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from secondorder_optax._src import alias, engine, layerwise, linalg, patches, validation
-from secondorder_optax._src.base import LayerPath, LayerStats, running_average, stats_dtype
+from secondorder_optax._src import alias, engine, layerwise, linalg, validation
+from secondorder_optax._src.base import LayerPath, running_average, stats_dtype
+from secondorder_optax._src.kronecker import (TINY, EigenBases, KroneckerFactors,
+                                              KroneckerInverses, eigen_direction,
+                                              eigen_scalings, kronecker_factors, layer_view,
+                                              mean_eigenvalue, trace_restricted_factors,
+                                              transposed_bases)
 
 Array = jax.Array
-# Smallest trace used when normalising factors: keeps an all-zero layer finite.
-_TINY = float(jnp.finfo(jnp.float32).tiny)
-
-
-class KroneckerFactors(NamedTuple):
-  """Running averages of a layer's factors: `A`, `G` (KFAC) or `δΦ`, `δΨ` (TKFAC)."""
-
-  input_factor: Array
-  output_factor: Array
-
-
-class KroneckerInverses(NamedTuple):
-  """Damped inverses of the factors at the last refresh (the identity before the first)."""
-
-  input_inverse: Array
-  output_inverse: Array
-
-
-class EigenBases(NamedTuple):
-  """EKFAC/TEKFAC's preconditioner.
-
-  Attributes:
-    input_basis: eigenvectors (columns) of the input factor at the last refresh.
-    output_basis: eigenvectors of the output factor.
-    scalings: running average of `S = E_n[(Q_inᵀ D_n Q_out)²]` in the current bases.
-    input_basis_t: `input_basis` transposed when the bases are narrower than float32
-      (XLA:CPU multiplies bfloat16 fast only with row-major operands), else a `(1,)`
-      placeholder.
-    output_basis_t: likewise for `output_basis`.
-  """
-
-  input_basis: Array
-  output_basis: Array
-  scalings: Array
-  input_basis_t: Array
-  output_basis_t: Array
-
-
-# ---------------------------------------------------------------------------------------
-# Statistics of one layer from its matrix view a: (B, T, d_a), g: (B, T, d_g).
-
-
-def layer_view(stats: LayerStats, dtype: Any) -> Tuple[Array, Array]:
-  """Homogeneous inputs / patches `(B, T, d_in [+1])` and output grads `(B, T, d_out)`."""
-  return (patches.layer_inputs(stats).astype(dtype),
-          patches.layer_output_grads(stats).astype(dtype))
-
-
-def _gram(x: Array, scale: float) -> Array:
-  """`scale · Σ_{n,t} x xᵀ` for `x: (B, T, d)`."""
-  return linalg.symmetric_gram(x.reshape((-1, x.shape[-1]))) * scale
-
-
-def kronecker_factors(a: Array, g: Array) -> KroneckerFactors:
-  """KFC factors `A = E_n Σ_t ā āᵀ` and `G = E_n (1/T) Σ_t g gᵀ`."""
-  batch, locations = a.shape[0], a.shape[1]
-  return KroneckerFactors(_gram(a, 1.0 / batch), _gram(g, 1.0 / (batch * locations)))
-
-
-def trace_restricted_factors(a: Array, g: Array) -> KroneckerFactors:
-  """TKFAC's `δΦ = E_n Σ_t |g|² ā āᵀ` and `δΨ = E_n Σ_t |ā|² g gᵀ` (traces both δ)."""
-  batch = a.shape[0]
-  a_norm = jnp.linalg.norm(a, axis=-1, keepdims=True)
-  g_norm = jnp.linalg.norm(g, axis=-1, keepdims=True)
-  return KroneckerFactors(_gram(a * g_norm, 1.0 / batch), _gram(g * a_norm, 1.0 / batch))
-
-
-def eigen_scalings(a: Array, g: Array, input_basis: Array, output_basis: Array) -> Array:
-  """`S = E_n[(Q_inᵀ D_n Q_out)²]` with `D_n = Σ_t ā_{n,t} g_{n,t}ᵀ` (one matmul of squared
-  projections when there is one location per example)."""
-  batch, locations = a.shape[0], a.shape[1]
-  projected_a = linalg.matmul(a, input_basis)
-  projected_g = linalg.matmul(g, output_basis)
-  if locations == 1:
-    return jnp.matmul(jnp.square(projected_a[:, 0]).T, jnp.square(projected_g[:, 0])) / batch
-  projected_grads = jnp.einsum("btd,bte->bde", projected_a, projected_g)
-  return jnp.mean(jnp.square(projected_grads), axis=0)
-
-
-def _mean_eigenvalue(factor: Array) -> Array:
-  return jnp.maximum(jnp.trace(factor) / factor.shape[-1], _TINY)
-
-
-def transposed_bases(input_basis: Array, output_basis: Array) -> Tuple[Array, Array]:
-  """Row-major `(Q_inᵀ, Q_outᵀ)` for bases narrower than float32, else `(1,)` placeholders
-  (checkpointers refuse zero-size arrays)."""
-  if jnp.finfo(input_basis.dtype).bits >= 32:
-    return jnp.zeros((1,), input_basis.dtype), jnp.zeros((1,), output_basis.dtype)
-  return jnp.transpose(input_basis), jnp.transpose(output_basis)
-
-
-def eigen_direction(grad: Array, bases: EigenBases, damping: Array) -> Array:
-  """`Q_in [(Q_inᵀ ∇W̄ Q_out) / (S + λ)] Q_outᵀ` (products in the bases' dtype)."""
-  input_t, output_t = bases.input_basis_t, bases.output_basis_t
-  if input_t.ndim == 1:
-    input_t, output_t = bases.input_basis.T, bases.output_basis.T
-  projected = linalg.matmul(linalg.matmul(input_t, grad), bases.output_basis)
-  scaled = projected / (bases.scalings + damping.astype(bases.scalings.dtype))
-  return linalg.matmul(linalg.matmul(bases.input_basis, scaled), output_t)
 
 
 # ---------------------------------------------------------------------------------------
@@ -169,8 +75,8 @@ class KFAC(engine.Algorithm):
     root = jnp.sqrt(damping)
     pi = 1.0
     if self.pi_correction:
-      pi = jnp.sqrt(_mean_eigenvalue(factors.input_factor) /
-                    _mean_eigenvalue(factors.output_factor))
+      pi = jnp.sqrt(mean_eigenvalue(factors.input_factor) /
+                    mean_eigenvalue(factors.output_factor))
     return (factors.input_factor, pi * root), (factors.output_factor, root / pi)
 
   def refresh(self, info, factors, previous, damping, data):
@@ -201,7 +107,7 @@ class TKFAC(KFAC):
 
   def damped_factors(self, factors, damping):
     """`(√δ Φ, √λ)` and `(√δ Ψ, √λ)` from `δΦ`, `δΨ` with `δ = tr δΦ`."""
-    root_trace = jnp.sqrt(jnp.maximum(jnp.trace(factors.input_factor), _TINY))
+    root_trace = jnp.sqrt(jnp.maximum(jnp.trace(factors.input_factor), TINY))
     root = jnp.sqrt(damping)
     return ((factors.input_factor / root_trace, root),
             (factors.output_factor / root_trace, root))

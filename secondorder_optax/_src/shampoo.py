@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from secondorder_optax._src import alias, engine, linalg, validation
+from secondorder_optax._src import alias, linalg, validation
 from secondorder_optax._src import tensor_modes as tm
 from secondorder_optax._src.base import ScalarOrSchedule
 
@@ -31,21 +31,10 @@ _GRAFTS = ("rmsprop", "adam")
 
 
 @dataclasses.dataclass(frozen=True)
-class Shampoo(engine.Algorithm):
+class Shampoo(tm.ModeAlgorithm):
   """Shampoo: per-mode inverse roots `(H_i + εI)^(-1/(2k))` of the gradient statistics."""
 
   name = "shampoo"
-  preconditioner_dtype: Any = None
-
-  def init_statistics(self, layout):
-    return tm.zero_factors(layout, layout.dtype)
-
-  def init_preconditioner(self, layout):
-    return tm.identity_factors(layout,
-                               linalg.refreshed_dtype(layout.dtype, self.preconditioner_dtype))
-
-  def statistics(self, layout, grad):
-    return tm.mode_statistics(grad, layout)
 
   def refresh(self, layout, statistics, previous, damping, data):
     exponent = jnp.asarray(2.0 * layout.order, jnp.float32)
@@ -59,15 +48,16 @@ class Shampoo(engine.Algorithm):
       return (jnp.maximum(factor, 0.0) + damping) ** (-1.0 / exponent)
     return linalg.inverse_root(factor, exponent, damping)
 
-  def apply(self, layout, roots, statistics, grad, damping):
-    return tm.apply_factors(grad, roots)
-
-  def describe(self, layout):
-    return tm.describe_layout(layout)
-
 
 class GraftState(NamedTuple):
-  """State of a grafted direction: the direction's and the grafted method's states."""
+  """State of a grafted direction: the direction's and the grafted method's states.
+
+  Example:
+    >>> import jax.numpy as jnp, secondorder_optax as soo
+    >>> state = soo.scale_by_shampoo(graft="adam").init({"w": jnp.ones((3, 2))})
+    >>> type(state.direction).__name__, type(state.graft).__name__
+    ('PreconditionerState', 'ScaleByAdamState')
+  """
 
   direction: Any
   graft: Any

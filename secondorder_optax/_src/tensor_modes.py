@@ -175,6 +175,30 @@ def leaf_keys(tree: Any) -> Tuple[str, ...]:
   return keys
 
 
+@dataclasses.dataclass(frozen=True)
+class ModeAlgorithm(engine.Algorithm):
+  """What TNT and Shampoo share: per-mode statistics of a leaf's gradient tensor, an identity
+  preconditioner per mode to start from, and the per-mode product as the direction."""
+
+  preconditioner_dtype: Any = None
+
+  def init_statistics(self, layout):
+    return zero_factors(layout, layout.dtype)
+
+  def init_preconditioner(self, layout):
+    return identity_factors(layout,
+                            linalg.refreshed_dtype(layout.dtype, self.preconditioner_dtype))
+
+  def statistics(self, layout, grad):
+    return mode_statistics(grad, layout)
+
+  def apply(self, layout, factors, statistics, grad, damping):
+    return apply_factors(grad, factors)
+
+  def describe(self, layout):
+    return describe_layout(layout)
+
+
 def _check_leaves(method: str, source: Any, updates: Any, what: str) -> None:
   """Same leaves (count and shapes, in order) as the updates. Containers may differ: an
   `nnx.State` of `nnx.Param`s and the plain `nnx.State` that `nnx.Optimizer` passes hold the

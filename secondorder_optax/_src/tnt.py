@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from secondorder_optax._src import alias, engine, linalg, validation
+from secondorder_optax._src import alias, linalg, validation
 from secondorder_optax._src import tensor_modes as tm
 from secondorder_optax._src.base import ScalarOrSchedule
 
@@ -42,21 +42,11 @@ def normalized_factors(statistics: tm.Factors, layout: tm.ModeLayout) -> tm.Fact
 
 
 @dataclasses.dataclass(frozen=True)
-class TNT(engine.Algorithm):
-  """Tensor Normal Training: per-mode factors normalised to share one average eigenvalue."""
+class TNT(tm.ModeAlgorithm):
+  """Tensor Normal Training: per-mode factors normalised to share one average eigenvalue,
+  each damped and inverted: `P_i = (U_i + εI)⁻¹`."""
 
   name = "tnt"
-  preconditioner_dtype: Any = None
-
-  def init_statistics(self, layout):
-    return tm.zero_factors(layout, layout.dtype)
-
-  def init_preconditioner(self, layout):
-    return tm.identity_factors(layout,
-                               linalg.refreshed_dtype(layout.dtype, self.preconditioner_dtype))
-
-  def statistics(self, layout, grad):
-    return tm.mode_statistics(grad, layout)
 
   def refresh(self, layout, statistics, previous, damping, data):
     factors = normalized_factors(statistics, layout)
@@ -69,12 +59,6 @@ class TNT(engine.Algorithm):
     if factor.ndim == 1:
       return 1.0 / (factor + damping)
     return linalg.checked_damped_inverse(factor, damping)
-
-  def apply(self, layout, inverses, statistics, grad, damping):
-    return tm.apply_factors(grad, inverses)
-
-  def describe(self, layout):
-    return tm.describe_layout(layout)
 
 
 def scale_by_tnt(
