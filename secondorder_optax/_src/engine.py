@@ -286,9 +286,8 @@ def refresh_units(algorithm: Algorithm, units: Dict[str, Any], statistics: Dict[
   new, failures = {}, jnp.zeros((), jnp.int32)
   for key in units:
     fresh = assemblers[key]({name: solved[(key, name)] for name in names[key]})
-    ok = all_finite(fresh) & valid_damping
-    new[key] = jax.tree.map(lambda f, p: jnp.where(ok, f.astype(p.dtype), p), fresh,
-                            previous[key])
+    ok = _changed_leaves_finite(fresh, previous[key]) & valid_damping
+    new[key] = _keep_unless(ok, fresh, previous[key])
     failures = failures + (~ok).astype(jnp.int32)
   return new, failures
 
@@ -317,10 +316,23 @@ def _new_statistics(algorithm, units, data, statistics, count, decay):
   return select_tree(ok, averaged, statistics), count + ok.astype(count.dtype)
 
 
+def _keep_unless(ok: Array, new: Any, old: Any) -> Any:
+  """`new` where `ok`, else `old` (in `old`'s dtypes); leaves `new` passes through unchanged
+  (the same traced value as in `old`) are neither checked nor selected."""
+  return jax.tree.map(lambda n, o: o if n is o else jnp.where(ok, n.astype(o.dtype), o),
+                      new, old)
+
+
+def _changed_leaves_finite(new: Any, old: Any) -> Array:
+  changed = [n for n, o in zip(jax.tree.leaves(new), jax.tree.leaves(old)) if n is not o]
+  return all_finite(changed)
+
+
 def _tracked(algorithm, units, data, preconditioner, decay, first):
   tracked = {key: algorithm.track(unit, preconditioner[key], data[key], decay, first)
              for key, unit in units.items()}
-  return select_tree(all_finite(tracked), tracked, preconditioner)
+  return _keep_unless(_changed_leaves_finite(tracked, preconditioner), tracked,
+                      preconditioner)
 
 
 class _Refreshed(NamedTuple):
@@ -344,13 +356,14 @@ def refresh_state(algorithm: Algorithm, units: Dict[str, Any], read_data: Callab
   has_statistics = bool(jax.tree.leaves(state.statistics))
   decay = hyper.stats_decay
 
-  def statistics_update(data):
+  def statistics_step(data: Callable[[], Any]):
+    """This step's statistics; `data()` is traced only in the branch that updates them."""
+    keep = lambda: (state.statistics, state.statistics_count)
     if not has_statistics:
-      return state.statistics, state.statistics_count
+      return keep()
     return lax.cond(stats_due,
-                    lambda: _new_statistics(algorithm, units, data, state.statistics,
-                                            state.statistics_count, decay),
-                    lambda: (state.statistics, state.statistics_count))
+                    lambda: _new_statistics(algorithm, units, data(), state.statistics,
+                                            state.statistics_count, decay), keep)
 
   def preconditioner_update(statistics, statistics_count, data):
     ready = refresh_due & (statistics_count > 0 if has_statistics else True)
@@ -361,17 +374,13 @@ def refresh_state(algorithm: Algorithm, units: Dict[str, Any], read_data: Callab
 
   if not (algorithm.tracks or algorithm.refresh_reads_data):
     # Statistics read the data; the refresh works from the statistics alone.
-    statistics, statistics_count = state.statistics, state.statistics_count
-    if has_statistics:
-      statistics, statistics_count = lax.cond(
-          stats_due, lambda: statistics_update(read_data()),
-          lambda: (state.statistics, state.statistics_count))
+    statistics, statistics_count = statistics_step(read_data)
     preconditioner, failures = preconditioner_update(statistics, statistics_count, None)
     return _Refreshed(statistics, statistics_count, preconditioner, failures)
 
   def with_data():
     data = read_data()
-    statistics, statistics_count = statistics_update(data)
+    statistics, statistics_count = statistics_step(lambda: data)  # refresh-only steps too
     preconditioner, failures = preconditioner_update(
         statistics, statistics_count, data if algorithm.refresh_reads_data else None)
     if algorithm.tracks:

@@ -49,6 +49,8 @@ class KFAC(engine.Algorithm):
   """KFAC / KFC (Martens & Grosse 2015; Grosse & Martens 2016)."""
 
   name = "kfac"
+  factor_text = "Kronecker A ⊗ G"
+  refreshed_text = "damped inverses"
   pi_correction: bool = True
   preconditioner_dtype: Any = None
 
@@ -93,7 +95,7 @@ class KFAC(engine.Algorithm):
 
   def describe(self, info):
     (d_in, d_out) = info.matrix_shape
-    return f"Kronecker A ⊗ G ({d_in}x{d_in} ⊗ {d_out}x{d_out}), damped inverses"
+    return f"{self.factor_text} ({d_in}x{d_in} ⊗ {d_out}x{d_out}), {self.refreshed_text}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +103,7 @@ class TKFAC(KFAC):
   """TKFAC (Gao et al., AAAI 2021): trace-restricted factors, the scale folded into both."""
 
   name = "tkfac"
+  factor_text = "trace-restricted δΦ ⊗ Ψ"
 
   def factors(self, a, g):
     return trace_restricted_factors(a, g)
@@ -112,16 +115,13 @@ class TKFAC(KFAC):
     return ((factors.input_factor / root_trace, root),
             (factors.output_factor / root_trace, root))
 
-  def describe(self, info):
-    (d_in, d_out) = info.matrix_shape
-    return f"trace-restricted δΦ ⊗ Ψ ({d_in}x{d_in} ⊗ {d_out}x{d_out}), damped inverses"
-
 
 @dataclasses.dataclass(frozen=True)
 class EKFAC(KFAC):
   """EKFAC (George et al., NeurIPS 2018): KFAC's eigenbasis, re-estimated eigenvalues."""
 
   name = "ekfac"
+  refreshed_text = "eigenbases + per-entry scalings"
 
   def init_preconditioner(self, info):
     (d_in, d_out), (dtype, basis_dtype) = info.matrix_shape, self._dtypes(info)
@@ -148,40 +148,31 @@ class EKFAC(KFAC):
   def apply(self, info, bases, factors, grad, damping):
     return eigen_direction(grad, bases, damping)
 
-  def describe(self, info):
-    (d_in, d_out) = info.matrix_shape
-    return (f"Kronecker A ⊗ G ({d_in}x{d_in} ⊗ {d_out}x{d_out}), eigenbases + per-entry "
-            f"scalings")
-
 
 @dataclasses.dataclass(frozen=True)
-class TEKFAC(EKFAC):
-  """TEKFAC (Gao et al., arXiv 2011.13609): EKFAC's correction in TKFAC's eigenbasis."""
+class TEKFAC(EKFAC, TKFAC):
+  """TEKFAC (Gao et al., arXiv 2011.13609): EKFAC's correction (refresh, track, apply) in
+  TKFAC's eigenbasis (factors)."""
 
   name = "tekfac"
-
-  def factors(self, a, g):
-    return trace_restricted_factors(a, g)
-
-  def describe(self, info):
-    (d_in, d_out) = info.matrix_shape
-    return (f"trace-restricted δΦ ⊗ Ψ ({d_in}x{d_in} ⊗ {d_out}x{d_out}), eigenbases + "
-            f"per-entry scalings")
 
 
 # ---------------------------------------------------------------------------------------
 # Public transformations. The arguments are described once, on `soo.kfac`.
 
 
-def _scale_by(algorithm: engine.Algorithm, *, damping, stats_decay, stats_every,
-              inverse_every, fallback, layers) -> optax.GradientTransformationExtraArgs:
+def _scale_by(algorithm_type, *, damping, stats_decay, stats_every, inverse_every,
+              preconditioner_dtype, fallback, layers,
+              **settings) -> optax.GradientTransformationExtraArgs:
+  """The body of every `scale_by_` here (called with its own arguments): the variant built
+  from its checked settings, on the engine."""
+  name = algorithm_type.name
+  algorithm = algorithm_type(
+      preconditioner_dtype=validation.check_preconditioner_dtype(name, preconditioner_dtype),
+      **{key: validation.check_flag(name, key, value) for key, value in settings.items()})
   return layerwise.layer_transformation(
       algorithm, damping=damping, stats_decay=stats_decay, stats_every=stats_every,
       inverse_every=inverse_every, fallback=fallback, layers=layers)
-
-
-def _dtype(method: str, preconditioner_dtype: Any) -> Any:
-  return validation.check_preconditioner_dtype(method, preconditioner_dtype)
 
 
 def scale_by_kfac(*, damping: Any, stats_decay: Any = 0.95, stats_every: int = 1,
@@ -206,10 +197,7 @@ def scale_by_kfac(*, damping: Any, stats_decay: Any = 0.95, stats_every: int = 1
     >>> direction["kernel"].shape
     (4, 3)
   """
-  pi_correction = validation.check_flag("kfac", "pi_correction", pi_correction)
-  return _scale_by(KFAC(pi_correction, _dtype("kfac", preconditioner_dtype)),
-                   damping=damping, stats_decay=stats_decay, stats_every=stats_every,
-                   inverse_every=inverse_every, fallback=fallback, layers=layers)
+  return _scale_by(KFAC, **locals())
 
 
 def scale_by_tkfac(*, damping: Any, stats_decay: Any = 0.95, stats_every: int = 1,
@@ -227,9 +215,7 @@ def scale_by_tkfac(*, damping: Any, stats_decay: Any = 0.95, stats_every: int = 
     >>> state.statistics["Dense_0"].input_factor.shape
     (5, 5)
   """
-  return _scale_by(TKFAC(preconditioner_dtype=_dtype("tkfac", preconditioner_dtype)),
-                   damping=damping, stats_decay=stats_decay, stats_every=stats_every,
-                   inverse_every=inverse_every, fallback=fallback, layers=layers)
+  return _scale_by(TKFAC, **locals())
 
 
 def scale_by_ekfac(*, damping: Any, stats_decay: Any = 0.95, stats_every: int = 1,
@@ -246,9 +232,7 @@ def scale_by_ekfac(*, damping: Any, stats_decay: Any = 0.95, stats_every: int = 
     >>> sorted(soo.describe(tx, {"kernel": jnp.ones((4, 3))}, print_fn=None))
     ['kernel']
   """
-  return _scale_by(EKFAC(preconditioner_dtype=_dtype("ekfac", preconditioner_dtype)),
-                   damping=damping, stats_decay=stats_decay, stats_every=stats_every,
-                   inverse_every=inverse_every, fallback=fallback, layers=layers)
+  return _scale_by(EKFAC, **locals())
 
 
 def scale_by_tekfac(*, damping: Any, stats_decay: Any = 0.95, stats_every: int = 1,
@@ -266,9 +250,7 @@ def scale_by_tekfac(*, damping: Any, stats_decay: Any = 0.95, stats_every: int =
     >>> state.preconditioner["Dense_0"].scalings.shape
     (4, 3)
   """
-  return _scale_by(TEKFAC(preconditioner_dtype=_dtype("tekfac", preconditioner_dtype)),
-                   damping=damping, stats_decay=stats_decay, stats_every=stats_every,
-                   inverse_every=inverse_every, fallback=fallback, layers=layers)
+  return _scale_by(TEKFAC, **locals())
 
 
 def kfac(learning_rate: optax.ScalarOrSchedule, *, damping: Any,

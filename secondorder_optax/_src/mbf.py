@@ -157,23 +157,7 @@ def scale_by_mbf(
   targets raise an error unless `fisher="sampled"` asks for them (mini-blocks of the true
   Fisher instead).
 
-  Args:
-    damping: λ added to every mini-block before inversion (number or optax schedule; read
-      at inverse refreshes).
-    stats_decay: EMA weight of the old statistics.
-    stats_every: statistics are updated at steps with `count % stats_every == 0`.
-    inverse_every: inverses are recomputed at steps with `count % inverse_every == 0`.
-    block_size: chunk length of the default `MiniBlocks` partition of dense kernels.
-    fisher: which capture the statistics must come from, `"empirical"` (default, the
-      paper's) or `"sampled"`; a curvature with the other `fisher` raises a `ValueError`.
-    preconditioner_dtype: dtype in which the mini-block inverses are stored and applied
-      (default: the statistics' dtype, float32 at least); `jnp.bfloat16` halves the
-      largest part of MBF's state and the memory traffic of applying it, with float32
-      sums and a float32 direction.
-    partitions: optional per-layer partitions overriding `MiniBlocks(block_size)`, keyed by
-      layer path (`"Encoder_0/Dense_1"` or `("Encoder_0", "Dense_1")`).
-    fallback: transformation for leaves outside captured layers (default identity).
-    layers: optional explicit list of layer paths to precondition.
+  The arguments are those of `soo.mbf` (all but the first four).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` takes `curvature=`.
@@ -256,25 +240,31 @@ def mbf(
 
   Args:
     learning_rate: a number or an optax schedule.
-    damping: λ added to every mini-block (see `scale_by_mbf`).
+    damping: λ added to every mini-block before inversion (number, array or optax
+      schedule; read at inverse refreshes).
     momentum: heavy-ball momentum; `None` or 0 for none.
     weight_decay: decoupled weight decay.
     kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
       (`soo.clip_by_kl`).
     stats_decay: EMA weight of the old statistics.
-    stats_every: steps between statistics updates.
-    inverse_every: steps between inverse refreshes.
-    block_size: chunk length of dense kernels in the default `MiniBlocks` partition.
-    fisher: `"empirical"` (default) or `"sampled"`: the capture the statistics come from.
-    preconditioner_dtype: as in `scale_by_mbf`.
-    partitions: optional per-layer `MBFPartition` overrides keyed by layer path.
-    fallback: transformation for leaves outside captured layers.
+    stats_every: statistics are updated at steps with `count % stats_every == 0`.
+    inverse_every: inverses are recomputed at steps with `count % inverse_every == 0`.
+    block_size: chunk length of the default `MiniBlocks` partition of dense kernels.
+    fisher: which capture the statistics must come from, `"empirical"` (default, the
+      paper's) or `"sampled"`; a curvature with the other `fisher` raises a `ValueError`.
+    preconditioner_dtype: dtype in which the mini-block inverses are stored and applied
+      (default: the statistics' dtype, float32 at least); `jnp.bfloat16` halves the
+      largest part of MBF's state and the memory traffic of applying it, with float32
+      sums and a float32 direction.
+    partitions: optional per-layer partitions overriding `MiniBlocks(block_size)`, keyed by
+      layer path (`"Encoder_0/Dense_1"` or `("Encoder_0", "Dense_1")`).
+    fallback: transformation for leaves outside captured layers (default identity).
     layers: optional explicit list of layer paths to precondition.
 
   Returns:
-    An `optax.GradientTransformationExtraArgs` whose `update` takes `curvature=`. With
-    `optax.inject_hyperparams`, pass the integer arguments (`stats_every`, `inverse_every`,
-    `block_size`) through `static_args`.
+    An `optax.GradientTransformationExtraArgs` whose `update` takes `curvature=`. Under
+    `optax.inject_hyperparams` every argument may be injected (`block_size` is read from
+    the state after `init`).
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, secondorder_optax as soo

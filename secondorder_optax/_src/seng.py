@@ -53,7 +53,8 @@ batched Cholesky; the gradient is fresh every step. The damping read at a refres
 an optax schedule) is held with the inverse, so every direction is the exact solve of one
 damped system. A non-finite refresh keeps the previous factors and inverse and counts a
 failure. SENG is an empirical-Fisher method: capture with `fisher="empirical"` as the paper
-does (a sampled-Fisher capture gives the same method on the sampled Fisher).
+does; a sampled-Fisher capture raises a `ValueError` (its Woodbury solve of the sampled
+Fisher was seen to diverge where the empirical one trains).
 """
 
 from __future__ import annotations
@@ -157,28 +158,12 @@ def scale_by_seng(
   See the module docstring for the math, the per-layer plans and where sketching changes
   the curvature scale. `update` needs `curvature=` (capture it with `fisher="empirical"`).
 
-  Args:
-    damping: λ, a number or an optax schedule of the step (read at refreshes).
-    batch_size: number of examples in every `curvature` (fixes the state size); needed
-      unless `subsample` is given.
-    subsample: use only the first `subsample` examples of each batch for the curvature.
-    inverse_every: refresh the factors and the k×k inverse every this many steps.
-    explicit_threshold: convolutions (and `sequence_layers`) with at most this many
-      parameters use explicit per-example gradients, larger ones the low-rank path.
-    sketch_size: explicit layers with more than `sketch_size²` parameters sketch the Gram
-      over `sketch_size²` coordinates; low-rank layers over `sketch_size` input / output
-      rows. `None` disables sketching.
-    svd_rank: singular directions kept per example on the low-rank path.
-    sequence_layers: paths of dense layers that run at several locations per example (on
-      sequences, or a module called several times); they use the convolution paths.
-      Other dense layers must have one location per example.
-    seed: seed of the sketches' coordinate sampling (fresh coordinates every refresh).
-    fallback: transformation for leaves outside captured layers (default identity).
-    layers: optional explicit list of layer paths to precondition.
+  The arguments are those of `soo.seng` (all but `learning_rate`, `momentum`,
+  `weight_decay` and `kl_clip`).
 
   Returns:
-    An `optax.GradientTransformationExtraArgs` with a `soo.LayerwiseState` whose layers are
-    `SengLayerState`s.
+    An `optax.GradientTransformationExtraArgs` with a `soo.PreconditionerState` whose
+    `preconditioner` holds a `SengLayerState` per layer.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, secondorder_optax as soo
@@ -243,20 +228,27 @@ def seng(
 
   Args:
     learning_rate: a number or an optax schedule.
-    damping: λ, a number or an optax schedule (read at refreshes).
-    batch_size: examples in every `curvature` (fixes the state size), unless `subsample`.
+    damping: λ, a number or an optax schedule of the step (read at refreshes).
+    batch_size: number of examples in every `curvature` (fixes the state size); needed
+      unless `subsample` is given.
     subsample: use only the first `subsample` examples of each batch for the curvature.
     momentum: heavy-ball momentum on the preconditioned direction.
     weight_decay: decoupled weight decay.
     kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
       (`soo.clip_by_kl`).
-    inverse_every: refresh period of the factors and the k×k inverse.
-    explicit_threshold: see `scale_by_seng`.
-    sketch_size: see `scale_by_seng` (`None`: no sketching).
-    svd_rank: see `scale_by_seng`.
-    sequence_layers: see `scale_by_seng`.
-    seed: seed of the sketches' coordinate sampling.
-    fallback: transformation for leaves outside captured layers.
+    inverse_every: refresh the factors and the k×k inverse every this many steps.
+    explicit_threshold: convolutions (and `sequence_layers`) with at most this many
+      parameters use explicit per-example gradients, larger ones the low-rank path.
+    sketch_size: explicit layers with more than `sketch_size²` parameters sketch the Gram
+      over `sketch_size²` coordinates; low-rank layers over `sketch_size` input / output
+      rows. `None` disables sketching.
+    svd_rank: singular directions kept per example on the low-rank path.
+    sequence_layers: paths of dense layers that run at several locations per example (on
+      sequences, or a module called several times); they use the convolution paths.
+      Other dense layers must have one location per example.
+    seed: seed of the sketches' coordinate sampling (read at `init`; fresh coordinates
+      every refresh).
+    fallback: transformation for leaves outside captured layers (default identity).
     layers: optional explicit list of layer paths to precondition.
 
   Returns:

@@ -119,22 +119,7 @@ def scale_by_shampoo(
   Works on any pytree from the gradients alone; a `curvature=` argument is accepted and
   ignored (Shampoo's statistics are those of the ordinary gradient).
 
-  Args:
-    damping: `ε` added to every statistic before its root (number or schedule).
-    stats_decay: EMA weight of the old statistics (the first update takes the batch
-      statistic itself); `None` sums the statistics over steps as in the original paper.
-    stats_every: update the statistics at steps where `count % stats_every == 0`.
-    inverse_every: recompute the roots at steps where `count % inverse_every == 0`.
-    max_factor_dim: modes larger than this keep a diagonal statistic.
-    preconditioner_dtype: dtype in which the roots are stored and applied (default: the
-      statistics' dtype, float32 at least); `jnp.bfloat16` halves their memory and, where
-      bfloat16 multiplies faster (accelerators, CPUs with AVX512-BF16), the cost of
-      applying them, with float32 sums and a float32 direction.
-    graft: `None`, `"rmsprop"` or `"adam"`: rescale each tensor's direction to the norm of
-      that method's step (bias-corrected, `eps` outside the square root).
-    graft_decay: second-moment decay of the grafted method.
-    graft_eps: its `eps`.
-    graft_momentum: first-moment decay of the grafted Adam.
+  The arguments are those of `soo.shampoo` (all but the first four).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` returning the preconditioned gradient with
@@ -182,17 +167,22 @@ def shampoo(
 
   Args:
     learning_rate: a number or an optax schedule.
-    damping: `ε` added to every statistic before its root.
+    damping: `ε` added to every statistic before its root (number, array or schedule).
     momentum: heavy-ball momentum (`optax.trace`) on the preconditioned direction.
     weight_decay: decoupled weight decay coefficient.
     kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
       (`soo.clip_by_kl`).
-    stats_decay: EMA weight of the old statistics; `None` sums them.
-    stats_every: statistics refresh period (steps).
-    inverse_every: root refresh period (steps).
+    stats_decay: EMA weight of the old statistics (the first finite statistic
+      initialises them); `None` sums the statistics over steps as in the original paper.
+    stats_every: update the statistics at steps where `count % stats_every == 0`.
+    inverse_every: recompute the roots at steps where `count % inverse_every == 0`.
     max_factor_dim: modes larger than this keep a diagonal statistic.
-    preconditioner_dtype: as in `soo.scale_by_shampoo`.
-    graft: `None`, `"rmsprop"` or `"adam"` (per-tensor step-norm grafting).
+    preconditioner_dtype: dtype in which the roots are stored and applied (default: the
+      statistics' dtype, float32 at least); `jnp.bfloat16` halves their memory and, where
+      bfloat16 multiplies faster (accelerators, CPUs with AVX512-BF16), the cost of
+      applying them, with float32 sums and a float32 direction.
+    graft: `None`, `"rmsprop"` or `"adam"`: rescale each tensor's direction to the norm of
+      that method's step (bias-corrected, `eps` outside the square root).
     graft_decay: second-moment decay of the grafted method.
     graft_eps: its `eps`.
     graft_momentum: first-moment decay of the grafted Adam.
@@ -212,10 +202,4 @@ def shampoo(
     >>> bool(loss(params) < 0.1)
     True
   """
-  preconditioner = scale_by_shampoo(
-      damping=damping, stats_decay=stats_decay, stats_every=stats_every,
-      inverse_every=inverse_every, max_factor_dim=max_factor_dim,
-      preconditioner_dtype=preconditioner_dtype, graft=graft,
-      graft_decay=graft_decay, graft_eps=graft_eps, graft_momentum=graft_momentum)
-  return alias.build_optimizer(preconditioner, learning_rate=learning_rate, momentum=momentum,
-                               weight_decay=weight_decay, kl_clip=kl_clip)
+  return alias.optimizer(scale_by_shampoo, **locals())

@@ -75,19 +75,8 @@ def scale_by_tnt(
   `update(updates, state, params=None, *, curvature=None, statistics_grads=None)`: the
   factors are estimated from `curvature.fisher_grads` when `curvature` is given, else from
   `statistics_grads` when given (the full optimizer `soo.tnt` passes the raw gradient there,
-  as it preconditions the momentum buffer), else from `updates`.
-
-  Args:
-    damping: `ε` added to every normalised factor (number or schedule of the step).
-    stats_decay: EMA weight of the old statistics (the first update takes the batch
-      statistic itself).
-    stats_every: update the statistics at steps where `count % stats_every == 0`.
-    inverse_every: recompute the inverses at steps where `count % inverse_every == 0`.
-    max_factor_dim: modes larger than this keep a diagonal factor.
-    preconditioner_dtype: dtype in which the inverses are stored and applied (default:
-      the statistics' dtype, float32 at least); `jnp.bfloat16` halves their memory and,
-      where bfloat16 multiplies faster (accelerators, CPUs with AVX512-BF16), the cost
-      of applying them, with float32 sums and a float32 direction.
+  as it preconditions the momentum buffer), else from `updates`. The arguments are those
+  of `soo.tnt` (all but the first four).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` returning the preconditioned gradient with
@@ -132,16 +121,21 @@ def tnt(
 
   Args:
     learning_rate: a number or an optax schedule.
-    damping: `ε` added to every normalised factor.
+    damping: `ε` added to every normalised factor (number, array or schedule of the step).
     momentum: heavy-ball momentum (`optax.trace`); `None` or 0 for none.
     weight_decay: decoupled weight decay coefficient.
     kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
       (`soo.clip_by_kl`).
-    stats_decay: EMA weight of the old statistics.
-    stats_every: statistics refresh period (steps).
-    inverse_every: inverse refresh period (steps).
+    stats_decay: EMA weight of the old statistics (the first finite statistic initialises
+      them).
+    stats_every: update the statistics at steps where `count % stats_every == 0`.
+    inverse_every: recompute the inverses at steps where `count % inverse_every == 0`
+      (a failed refresh keeps the previous inverses).
     max_factor_dim: modes larger than this keep a diagonal factor.
-    preconditioner_dtype: as in `soo.scale_by_tnt`.
+    preconditioner_dtype: dtype in which the inverses are stored and applied (default:
+      the statistics' dtype, float32 at least); `jnp.bfloat16` halves their memory and,
+      where bfloat16 multiplies faster (accelerators, CPUs with AVX512-BF16), the cost
+      of applying them, with float32 sums and a float32 direction.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; pass `curvature=` to `update` to use
