@@ -111,13 +111,6 @@ def check_preconditioner_dtype(method: str, dtype: Any) -> Any:
   return checked
 
 
-def check_positive(method: str, name: str, value: Any) -> None:
-  """A number that must be > 0 when concrete (e.g. `kl_clip`)."""
-  number = concrete(value)
-  if number is not None and not number > 0:
-    raise ValueError(f"{method}: {name} must be > 0, got {number}")
-
-
 def check_schedule(method: str, *, damping: Any, stats_decay: Any, stats_every: Any,
                    inverse_every: Any, positive_damping: bool = False,
                    summed_statistics: bool = False) -> None:

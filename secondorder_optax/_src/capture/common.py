@@ -22,7 +22,6 @@ from secondorder_optax._src.base import (ConvConfig, Curvature, FisherPullback, 
 from secondorder_optax._src.losses import LossFamily
 
 Array = jax.Array
-FISHER_KINDS = ("sampled", "empirical")
 
 
 class UnsupportedLayerError(ValueError):
@@ -50,11 +49,6 @@ def unsupported(name: str, what: str, skip: bool) -> None:
       f"layer {name} uses {what}, which the curvature capture does not support. Pass "
       "skip_unsupported=True to leave such layers uncaptured (their parameters then go to "
       "the optimizer's fallback transformation).")
-
-
-def check_fisher(fisher: str) -> None:
-  if fisher not in FISHER_KINDS:
-    raise ValueError(f"fisher must be one of {FISHER_KINDS}, got {fisher!r}")
 
 
 def check_loss_family(loss_family: Any) -> None:

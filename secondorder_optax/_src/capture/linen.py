@@ -21,6 +21,7 @@ from typing import Dict, Optional, Sequence
 import flax.linen as nn
 import jax
 
+from secondorder_optax._src import validation
 from secondorder_optax._src.capture import common
 from secondorder_optax._src.losses import LossFamily
 
@@ -116,7 +117,7 @@ def linen_curvature(model: nn.Module, loss_family: LossFamily, *, fisher: str = 
     >>> sorted(curvature.layers)
     [('layers_0',), ('layers_2',)]
   """
-  common.check_fisher(fisher)
+  validation.check_fisher("linen_curvature", fisher)
   common.check_loss_family(loss_family)
   mutable = tuple(mutable)
 

@@ -51,6 +51,7 @@ from flax import nnx
 from jax import lax
 
 from secondorder_optax._src.base import LayerPath, path_to_str
+from secondorder_optax._src import validation
 from secondorder_optax._src.capture import common
 from secondorder_optax._src.losses import LossFamily
 
@@ -275,7 +276,7 @@ def nnx_curvature(loss_family: LossFamily, *, fisher: str = "sampled",
     >>> curvature.layers[('layers', 0)].output_grads.shape
     (4, 8)
   """
-  common.check_fisher(fisher)
+  validation.check_fisher("nnx_curvature", fisher)
   common.check_loss_family(loss_family)
 
   def curvature_fn(model, inputs, targets, rng=None, **call_kwargs):
