@@ -69,6 +69,19 @@ def faces_autoencoder(activation: str = "relu") -> Autoencoder:
                      activation=activation)
 
 
+class MLPClassifier(nn.Module):
+  """A ReLU MLP classifier on flattened images."""
+  hidden: Sequence[int] = (128, 64)
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape((x.shape[0], -1))
+    for width in self.hidden:
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(self.num_classes)(x)
+
+
 class SmallCNN(nn.Module):
   """Conv(32)-pool-Conv(64)-pool-Dense(128)-Dense(classes), ReLU."""
   num_classes: int = 10

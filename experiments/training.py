@@ -35,7 +35,7 @@ from experiments import data as data_lib
 from experiments import models
 from experiments.methods import Method
 
-TASK_NAMES = ("autoencoder", "cnn", "resnet20", "resnet32")
+TASK_NAMES = ("autoencoder", "mlp", "cnn", "resnet20", "resnet32")
 BATCH_STATS = "batch_stats"
 
 
@@ -75,7 +75,8 @@ def make_task(name: str, dataset: data_lib.Dataset, *,
 
   'autoencoder' is the papers' MNIST autoencoder on 28x28 images (other image sizes, e.g.
   the embedded 8x8 digits, get a proportionally smaller one, 256-128-64-16) with sigmoid
-  binary cross-entropy; `hidden` overrides the encoder sizes. 'cnn' is `SmallCNN`;
+  binary cross-entropy; `hidden` overrides the encoder sizes. 'mlp' is `MLPClassifier`
+  (hidden sizes 128, 64 unless `hidden`), 'cnn' is `SmallCNN`;
   'resnet20'/'resnet32' the CIFAR-style ResNets; all three with softmax cross-entropy.
   """
   dim = int(np.prod(dataset.image_shape))
@@ -84,6 +85,10 @@ def make_task(name: str, dataset: data_lib.Dataset, *,
         (1000, 500, 250, 30) if dim == 784 else (256, 128, 64, 16))
     model = models.Autoencoder(encoder_sizes=sizes, output_dim=dim)
     return Task(name, model, soo.losses.sigmoid_binary_cross_entropy, is_classifier=False)
+  if name == "mlp":
+    model = models.MLPClassifier(hidden=tuple(hidden) if hidden else (128, 64),
+                                 num_classes=dataset.num_classes)
+    return Task(name, model, soo.losses.softmax_cross_entropy, is_classifier=True)
   if name == "cnn":
     return Task(name, models.SmallCNN(num_classes=dataset.num_classes),
                 soo.losses.softmax_cross_entropy, is_classifier=True)

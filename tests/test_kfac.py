@@ -19,7 +19,7 @@ from secondorder_optax._src import patches
 from secondorder_optax._src.base import path_to_str
 from tests import contract, models
 
-DAMPING = 1e-2
+DAMPING = 0.3  # relative: the damped block's mean eigenvalue is 1.3 times its own
 METHODS = ("kfac", "ekfac", "tkfac", "tekfac")
 PROBLEMS = ("mlp-squared", "mlp-softmax", "cnn-squared", "cnn-softmax")
 
@@ -47,20 +47,27 @@ def trace_restricted_factors(a, g):
   return delta, phi, psi
 
 
-def kfac_matrix(a, g, damping, pi_correction=True):
+def relatively_damped(factor, gamma):
+  """`F + γ m(F) I` with `m(F) = tr F / dim F` (the library's relative damping)."""
+  return factor + gamma * np.trace(factor) / len(factor) * np.eye(len(factor))
+
+
+def kfac_matrix(a, g, damping):
+  """`(A + γ m(A) I) ⊗ (G + γ m(G) I)`, `(1 + γ)² = 1 + λ`: the damped block's mean eigenvalue
+  is `(1 + λ)` times the undamped one's (the π-corrected factored damping)."""
   big_a, big_g = kronecker_factors(a, g)
-  pi = 1.0
-  if pi_correction:
-    pi = np.sqrt((np.trace(big_a) / len(big_a)) / (np.trace(big_g) / len(big_g)))
-  root = np.sqrt(damping)
-  return np.kron(big_a + pi * root * np.eye(len(big_a)), big_g + root / pi * np.eye(len(big_g)))
+  gamma = np.sqrt(1.0 + damping) - 1.0
+  matrix = np.kron(relatively_damped(big_a, gamma), relatively_damped(big_g, gamma))
+  mean = lambda m: np.trace(m) / len(m)
+  assert np.isclose(mean(matrix), (1 + damping) * mean(np.kron(big_a, big_g)))
+  return matrix
 
 
 def tkfac_matrix(a, g, damping):
   delta, phi, psi = trace_restricted_factors(a, g)
-  root = np.sqrt(damping)
-  return np.kron(np.sqrt(delta) * phi + root * np.eye(len(phi)),
-                 np.sqrt(delta) * psi + root * np.eye(len(psi)))
+  gamma = np.sqrt(1.0 + damping) - 1.0
+  return np.kron(relatively_damped(np.sqrt(delta) * phi, gamma),
+                 relatively_damped(np.sqrt(delta) * psi, gamma))
 
 
 def check_eigenbasis(basis, factor):
@@ -75,10 +82,11 @@ def check_eigenbasis(basis, factor):
 
 
 def eigen_corrected_matrix(q_in, q_out, per_example, damping):
-  """`K diag(vec S + λ) Kᵀ`, `K = Q_in ⊗ Q_out`, `S = E_n (Q_inᵀ D_n Q_out)²`; and S."""
+  """`K diag(vec S + λ mean(S)) Kᵀ`, `K = Q_in ⊗ Q_out`, `S = E_n (Q_inᵀ D_n Q_out)²`; and S."""
   scalings = np.mean(np.einsum("di,bde,ej->bij", q_in, per_example, q_out) ** 2, axis=0)
   basis = np.kron(q_in, q_out)
-  return basis @ np.diag(scalings.reshape(-1) + damping) @ basis.T, scalings
+  damped = scalings.reshape(-1) + damping * np.mean(scalings)
+  return basis @ np.diag(damped) @ basis.T, scalings
 
 
 def reference_matrix(method, layer, layer_state, damping):
@@ -287,7 +295,8 @@ def test_ekfac_running_averages_and_stale_basis():
                 for a, g in ((a0, g0), (a1, g1))]
     averaged_scalings = decay * scalings[0] + (1 - decay) * scalings[1]
     basis = np.kron(q_in, q_out)
-    matrix = basis @ np.diag(averaged_scalings.reshape(-1) + DAMPING) @ basis.T
+    damped = averaged_scalings.reshape(-1) + DAMPING * np.mean(averaged_scalings)
+    matrix = basis @ np.diag(damped) @ basis.T
     has_bias = "bias" in patches.tree_get(params, path)
     expected = dense_direction(matrix, models.grad_matrix(grads, path, has_bias))
     got = models.grad_matrix(direction, path, has_bias)
@@ -336,11 +345,15 @@ def test_bad_inputs_raise_clear_errors():
 def test_describe_and_fallback():
   params = {"Dense_0": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)},
             "scale": jnp.ones(3)}
-  rules = soo.describe(soo.tekfac(1e-2, damping=1e-3, fallback=optax.scale_by_adam()),
+  rules = soo.describe(soo.scale_by_tekfac(damping=1e-3, fallback=optax.scale_by_adam()),
                        params, print_fn=None)
   assert rules["Dense_0/kernel"].startswith("tekfac: trace-restricted")
   assert "5x5" in rules["Dense_0/bias"]
   assert rules["scale"] == "fallback (scale_by_adam)"
+  # The full optimizer trains uncovered leaves with its own first-order optimizer.
+  rules = soo.describe(soo.tekfac(fallback=optax.sgd(0.1, momentum=0.9)), params, print_fn=None)
+  assert rules["scale"] == "fallback: momentum (its own learning rate)"
+  assert soo.describe(soo.kfac(), params, print_fn=None)["scale"].startswith("fallback: adam")
 
 
 # ---------------------------------------------------------------------------------------

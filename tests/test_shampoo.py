@@ -22,15 +22,16 @@ from tests.test_tnt import (MAX_DIM, MIXED_MODES, TENSORS, assert_close, f64, kr
 EPS = 0.1
 
 
-def inverse_root(matrix, power):
+def inverse_root(matrix, power, shift):
   values, vectors = np.linalg.eigh(matrix)
-  return (vectors * (np.maximum(values, 0.0) + EPS) ** -power) @ vectors.T
+  return (vectors * (np.maximum(values, 0.0) + shift) ** -power) @ vectors.T
 
 
 def shampoo_direction(stats, grad):
-  """`⊗_i (H_i + εI)^(-1/(2k)) vec(∇)`."""
+  """`⊗_i (H_i + γ m(H_i) I)^(-1/(2k)) vec(∇)`, `(1 + γ)^k = 1 + ε` (relative damping)."""
   power = 1.0 / (2 * len(stats))
-  dense = kron_all([inverse_root(h, power) for h in stats])
+  gamma = (1.0 + EPS) ** (1.0 / len(stats)) - 1.0
+  dense = kron_all([inverse_root(h, power, gamma * np.trace(h) / len(h)) for h in stats])
   return (dense @ np.ravel(grad)).reshape(np.shape(grad))
 
 

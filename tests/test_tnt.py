@@ -2,8 +2,9 @@
 
 The reference builds every mode's statistic by unfolding the gradient tensor
 (`X_(i) X_(i)ᵀ`), running-averages them, normalises them as in the paper
-(`U_i = C_i · c · d_i / t`), forms `⊗_i (U_i + εI)` as one dense matrix and solves it
-against the row-major `vec(∇)`. Mode shapes are written out by hand per leaf.
+(`U_i = C_i · c · d_i / t`), forms `⊗_i (U_i + γ c I)` (relative damping: `(1 + γ)^k = 1 + ε`,
+so the damped product's mean eigenvalue is `(1 + ε)` times `c^k`) as one dense matrix and
+solves it against the row-major `vec(∇)`. Mode shapes are written out by hand per leaf.
 """
 
 import functools
@@ -19,7 +20,7 @@ import secondorder_optax as soo
 from secondorder_optax._src.layerwise import leaf_paths
 from tests import contract, models
 
-EPS = 0.1
+EPS = 1.0  # relative damping (the default)
 RTOL = 1e-5
 
 # leaf -> (shape, modes, diagonal modes when max_factor_dim=MAX_DIM)
@@ -71,10 +72,16 @@ def tnt_factors(stats):
   return [s * shared * d / total for s, d in zip(stats, dims)]
 
 
+def relative_shift(eps, order, factor):
+  """`γ m(U)` with `(1 + γ)^order = 1 + ε` and `m(U) = tr U / dim U`."""
+  return ((1.0 + eps) ** (1.0 / order) - 1.0) * np.trace(factor) / len(factor)
+
+
 def tnt_direction(stat_tensors, grad, modes, diagonal, decay, eps=EPS):
-  """`(⊗_i (U_i + εI))⁻¹ vec(∇)` for statistics from `stat_tensors` (each in `modes`)."""
+  """`(⊗_i (U_i + γ c I))⁻¹ vec(∇)` for statistics from `stat_tensors` (each in `modes`)."""
   stats = running_statistics([np.reshape(t, modes) for t in stat_tensors], diagonal, decay)
-  dense = kron_all([u + eps * np.eye(len(u)) for u in tnt_factors(stats)])
+  factors = tnt_factors(stats)
+  dense = kron_all([u + relative_shift(eps, len(factors), u) * np.eye(len(u)) for u in factors])
   return np.linalg.solve(dense, np.ravel(grad)).reshape(np.shape(grad))
 
 
@@ -116,20 +123,21 @@ def test_direction_equals_dense_kronecker_solve_for_every_rank():
 
 
 def test_normalised_factors_keep_the_trace_of_the_statistic():
-  """From the stored inverses, `U_i = P_i⁻¹ - εI`: `tr(⊗U_i) = tr C_1 = |G|²` (first step)."""
+  """From the stored inverses, `U_i = P_i⁻¹ - γcI`: `tr(⊗U_i) = tr C_1 = |G|²` (first step)."""
   tx = soo.scale_by_tnt(damping=EPS, max_factor_dim=MAX_DIM)
   grad = random_tree(5, scale=3.0)
   _, state = jax.jit(tx.update)(grad, tx.init(grad))
   for name, (_, modes, diagonal) in TENSORS.items():
+    squared_norm = np.sum(np.square(np.asarray(grad[name], np.float64)))
+    # all factors share the average eigenvalue c = (t/d)^(1/k)
+    shared = (squared_norm / np.prod(modes)) ** (1 / len(modes))
+    shift = ((1.0 + EPS) ** (1.0 / len(modes)) - 1.0) * shared
     factors = []
     for i, inverse in enumerate(state.preconditioner[name]):
       inverse = np.asarray(inverse, np.float64)
       inverse = np.diag(inverse) if i in diagonal else inverse
-      factors.append(np.linalg.inv(inverse) - EPS * np.eye(modes[i]))
-    squared_norm = np.sum(np.square(np.asarray(grad[name], np.float64)))
+      factors.append(np.linalg.inv(inverse) - shift * np.eye(modes[i]))
     assert_close(np.trace(kron_all(factors)), squared_norm, rtol=1e-4)
-    # all factors share the average eigenvalue c = (t/d)^(1/k)
-    shared = (squared_norm / np.prod(modes)) ** (1 / len(modes))
     for factor, dim in zip(factors, modes):
       assert_close(np.trace(factor), shared * dim, rtol=1e-4)
 
@@ -154,7 +162,8 @@ def test_refresh_schedule():
 
 
 def test_sampled_targets_use_fisher_grads_and_plain_path_the_gradient():
-  """MLP: fisher_grads is the mean per-example gradient at sampled targets; TNT uses it."""
+  """MLP: fisher_grads is the mean per-example gradient at sampled targets; TNT uses it,
+  scaled to the per-example Fisher (its Gram times the batch size N)."""
   model, params, x, y, family = models.mlp_problem(batch=16, seed=1)
   curv_fn = soo.linen_curvature(model, family, fisher="sampled")
   rng = jax.random.key(3)
@@ -174,17 +183,20 @@ def test_sampled_targets_use_fisher_grads_and_plain_path_the_gradient():
     modes = tuple(d for d in grad.shape if d != 1)
     leaf = lambda tree: leaf_paths(tree)[path]
     assert_close(leaf(grads), grad)
-    assert_close(leaf(with_curvature), tnt_direction([fisher], grad, modes, (), decay=0.9))
+    per_example_scale = np.sqrt(x.shape[0]) * fisher
+    assert_close(leaf(with_curvature),
+                 tnt_direction([per_example_scale], grad, modes, (), decay=0.9))
     assert_close(leaf(without_curvature), tnt_direction([grad], grad, modes, (), decay=0.9))
   assert models.relative_error(with_curvature["Dense_0"]["kernel"],
                                without_curvature["Dense_0"]["kernel"]) > 1e-2
 
 
-def test_full_optimizer_preconditions_momentum_with_gradient_statistics():
-  """tnt(): momentum first, factors from the raw gradients (not the momentum buffer)."""
+def test_full_optimizer_averages_preconditioned_gradients():
+  """tnt(): each gradient preconditioned (factors from the raw gradients), weight decay
+  added, then the bias-corrected average of the directions, times `-lr`."""
   lr, beta, decay, wd = 0.3, 0.9, 0.6, 0.01
   tx = soo.tnt(lr, damping=EPS, momentum=beta, stats_decay=decay, weight_decay=wd,
-               inverse_every=1, max_factor_dim=MAX_DIM)
+               inverse_every=1, max_factor_dim=MAX_DIM, kl_clip=None)
   params = random_tree(20)
   grads = [random_tree(21), random_tree(22)]
   state = tx.init(params)
@@ -193,10 +205,11 @@ def test_full_optimizer_preconditions_momentum_with_gradient_statistics():
   updates, state = update(grads[1], state, params)
   for name, (_, modes, diagonal) in TENSORS.items():
     history = [f64(g)[name] for g in grads]
-    buffer = history[1] + beta * history[0]
-    direction = tnt_direction(history, buffer, modes, diagonal, decay=decay)
-    expected = -lr * (direction + wd * np.asarray(params[name], np.float64))
-    assert_close(updates[name], expected)
+    decayed = wd * np.asarray(params[name], np.float64)
+    first = tnt_direction(history[:1], history[0], modes, diagonal, decay=decay) + decayed
+    second = tnt_direction(history, history[1], modes, diagonal, decay=decay) + decayed
+    average = (beta * (1 - beta) * first + (1 - beta) * second) / (1 - beta ** 2)
+    assert_close(updates[name], -lr * average)
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,7 +330,7 @@ def test_nonfinite_gradient_and_failed_inverse_keep_state():
 # ---------------------------------------------------------------------------------------
 # optax contract (with curvature, and without).
 
-HPARAMS = dict(learning_rate=0.05, damping=EPS)
+HPARAMS = dict(learning_rate=0.1, damping=EPS)
 
 
 def test_contract_jit_convergence():
@@ -339,7 +352,8 @@ def test_inject_hyperparams_traces_refresh_periods():
   assert state.hyperparams["inverse_every"].dtype == jnp.int32
   state.hyperparams["inverse_every"] = jnp.asarray(1, jnp.int32)  # not weakly typed
   step = jax.jit(tx.update)
-  inverses = lambda s: [np.asarray(x) for x in jax.tree.leaves(s.inner_state[1].preconditioner)]
+  inverses = lambda s: [np.asarray(x)
+                        for x in jax.tree.leaves(s.inner_state[0].inner.preconditioner)]
   _, state = step({"w": jnp.arange(6.0).reshape(3, 2), "s": jnp.ones(())}, state, params)
   before = inverses(state)
   state.hyperparams["inverse_every"] = jnp.asarray(1000, jnp.int32)

@@ -2,7 +2,7 @@
 
 `soo.<method>(learning_rate, ...)` is `build_optimizer(soo.scale_by_<method>(...), ...)`:
 
-    preconditioner -> + weight_decay * params -> momentum (optax.trace) -> -learning_rate
+    preconditioner -> + weight_decay * params -> momentum (an average) -> -learning_rate
 
 or, with `precondition_momentum=True` (TNT, following the paper's code), momentum first and
 the preconditioner applied to the momentum buffer. Weight decay is decoupled (added after
@@ -11,9 +11,13 @@ preconditioning), as in the TNT/MBF papers' code.
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Any, Optional
 
+import jax
 import optax
+
+from secondorder_optax._src import layerwise
 
 from secondorder_optax._src.base import all_finite, select_tree
 from secondorder_optax._src.kl_clip import clip_by_kl
@@ -33,7 +37,10 @@ def build_optimizer(
   Args:
     preconditioner: a `soo.scale_by_<method>(...)` transformation.
     learning_rate: a number or an optax schedule.
-    momentum: heavy-ball momentum (`optax.trace`); `None` or 0 for none.
+    momentum: β of the momentum, a bias-corrected exponential moving average of the
+      directions (`optax.ema(β, debias=True)`: heavy-ball momentum with dampening `1 − β`,
+      so a step is as long as one direction and a KL-clipped direction keeps its bound);
+      `None` or 0 for none.
     weight_decay: decoupled weight decay coefficient.
     precondition_momentum: apply momentum before the preconditioner (TNT's convention).
     kl_clip: `None` (default) or κ > 0: rescale the preconditioned direction Δ by `ν ≤ 1`
@@ -57,7 +64,7 @@ def build_optimizer(
   # state is selected twice.
   if kl_clip is not None:
     preconditioner = clip_by_kl(preconditioner, kl_clip=kl_clip, learning_rate=learning_rate)
-  momentum_tx = optax.identity() if _is_zero(momentum) else optax.trace(decay=momentum)
+  momentum_tx = optax.identity() if _is_zero(momentum) else optax.ema(momentum, debias=True)
   tail = []
   if not _is_zero(weight_decay):
     tail.append(optax.add_decayed_weights(weight_decay))
@@ -75,9 +82,36 @@ def optimizer(scale_by, *, learning_rate: optax.ScalarOrSchedule, momentum: Opti
               weight_decay: float, kl_clip: Optional[float],
               **preconditioner_args) -> optax.GradientTransformationExtraArgs:
   """`build_optimizer(scale_by(**preconditioner_args), ...)`: the body of every full optimizer
-  (called with the full optimizer's own arguments)."""
-  return build_optimizer(scale_by(**preconditioner_args), learning_rate=learning_rate,
-                         momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip)
+  (called with the full optimizer's own arguments).
+
+  A layer-wise method (its `scale_by` takes `layers=`) trains the leaves outside its layers
+  with a first-order optimizer of their own, `fallback` (default
+  `optax.adamw(fallback_learning_rate, weight_decay=weight_decay)`), through
+  `optax.partition`: norm scales, embeddings and attention projections get Adam's step, not
+  the second-order learning rate.
+  """
+  if "layers" not in preconditioner_args:
+    return build_optimizer(scale_by(**preconditioner_args), learning_rate=learning_rate,
+                           momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip)
+  fallback = preconditioner_args.pop("fallback")
+  fallback_learning_rate = preconditioner_args.pop("fallback_learning_rate")
+  if fallback is None:
+    fallback = optax.adamw(fallback_learning_rate, weight_decay=weight_decay)
+  layers = preconditioner_args["layers"]
+  second_order = build_optimizer(scale_by(**preconditioner_args), learning_rate=learning_rate,
+                                 momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip)
+  return optax.partition({PRECONDITIONED: second_order, FALLBACK: fallback},
+                         functools.partial(layer_labels, layers=layers))
+
+
+PRECONDITIONED, FALLBACK = "preconditioned", "fallback"
+
+
+def layer_labels(tree: Any, layers=None) -> Any:
+  """`"preconditioned"` for the leaves of the layers a layer-wise method covers in `tree`
+  (params or updates), `"fallback"` for the others."""
+  outside = layerwise.layer_mask(tree, layerwise.find_layers(tree, layers))
+  return jax.tree.map(lambda out: FALLBACK if out else PRECONDITIONED, outside)
 
 
 def _is_zero(value) -> bool:

@@ -201,6 +201,14 @@ class Curvature:
     return self._deferred.materialize()
 
   @property
+  def batch_size(self) -> Optional[int]:
+    """The number of examples the curvature was captured on (static; `None` when no layer
+    was captured from an eager curvature)."""
+    if self._deferred is not None:
+      return self._deferred.outputs.shape[0]
+    return next((s.batch_size for s in self._layers.values()), None)
+
+  @property
   def layers(self) -> Dict[LayerPath, LayerStats]:
     """The per-layer statistics (`materialize()[0]`)."""
     return self.materialize()[0]

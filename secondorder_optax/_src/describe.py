@@ -6,12 +6,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 
-from secondorder_optax._src import engine, layerwise
+from secondorder_optax._src import alias, engine, layerwise
 from secondorder_optax._src.base import Curvature, path_to_str
 from secondorder_optax._src.shampoo import GraftState
 
 _GRAFT_NAMES = {"ScaleByRmsWithCountState": "rmsprop", "ScaleByRmsState": "rmsprop",
-                "ScaleByAdamState": "adam"}
+                "ScaleByAdamState": "adam", "TraceState": "momentum"}
 
 
 def _curvature_rules(curvature: Curvature, params: Any) -> Dict[tuple, str]:
@@ -39,6 +39,29 @@ def _specs(state: Any) -> List[Tuple[engine.StateSpec, str]]:
       name = _GRAFT_NAMES.get(type(node.graft).__name__, type(node.graft).__name__)
       found += [(spec, f", grafted to {name}") for spec, _ in _specs(node.direction)]
   return found
+
+
+def _initial_state(init: Callable[[Any], Any], params: Any) -> Any:
+  """The optimizer's initial state, abstract where possible (an `inject_hyperparams` state
+  holds structural integers, e.g. MBF's `block_size`, that must be concrete at `init`)."""
+  try:
+    return jax.eval_shape(init, params)
+  except (ValueError, TypeError, jax.errors.ConcretizationTypeError):
+    return init(params)
+
+
+def _first_order_name(state: Any) -> Optional[str]:
+  """The first-order optimizer of a full optimizer's `optax.partition` fallback branch."""
+  is_node = lambda x: isinstance(getattr(x, "inner_states", None), dict)
+  for node in jax.tree.leaves(state, is_leaf=is_node):
+    if is_node(node) and alias.FALLBACK in node.inner_states:
+      branch = node.inner_states[alias.FALLBACK]
+      is_state = lambda x: (hasattr(x, "_fields") and "inner_state" not in x._fields
+                            and type(x).__name__ != "EmptyState")
+      names = [_GRAFT_NAMES.get(type(x).__name__, type(x).__name__)
+               for x in jax.tree.leaves(branch, is_leaf=is_state) if is_state(x)]
+      return "+".join(dict.fromkeys(names)) or "optax transformation"
+  return None
 
 
 def describe(tx_or_curvature: Any, params: Any, *, curvature: Optional[Curvature] = None,
@@ -73,7 +96,8 @@ def describe(tx_or_curvature: Any, params: Any, *, curvature: Optional[Curvature
     rules = _curvature_rules(tx_or_curvature, params)
   else:
     init = getattr(tx_or_curvature, "init", None)
-    specs = [] if init is None else _specs(jax.eval_shape(init, params))
+    abstract_state = None if init is None else _initial_state(init, params)
+    specs = [] if init is None else _specs(abstract_state)
     if not specs:
       raise ValueError(
           "describe() needs an optimizer that contains a secondorder_optax method "
@@ -85,6 +109,12 @@ def describe(tx_or_curvature: Any, params: Any, *, curvature: Optional[Curvature
     for spec, suffix in specs:
       rules.update({path: rule + (suffix if not rule.startswith("fallback") else "")
                     for path, rule in spec.leaf_rules(pure, captured).items()})
+    # Leaves a method never saw went to a full optimizer's own first-order branch.
+    seen = {key for spec, _ in specs for key, _ in spec.leaf_shapes}
+    first_order = _first_order_name(abstract_state)
+    for path in rules:
+      if path_to_str(path) not in seen and first_order is not None:
+        rules[path] = f"fallback: {first_order} (its own learning rate)"
   table = {path_to_str(p): r for p, r in rules.items()}
   if print_fn is not None:
     width = max((len(k) for k in table), default=0)

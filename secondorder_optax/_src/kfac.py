@@ -30,11 +30,12 @@ import jax.numpy as jnp
 import optax
 
 from secondorder_optax._src import alias, engine, layerwise, linalg, validation
+from secondorder_optax._src.damping import relative as relative_damping
 from secondorder_optax._src.base import LayerPath, running_average, stats_dtype
 from secondorder_optax._src.kronecker import (TINY, EigenBases, KroneckerFactors,
                                               KroneckerInverses, eigen_direction,
                                               eigen_scalings, kronecker_factors, layer_view,
-                                              mean_eigenvalue, trace_restricted_factors,
+                                              trace_restricted_factors,
                                               transposed_bases)
 
 Array = jax.Array
@@ -51,7 +52,6 @@ class KFAC(engine.Algorithm):
   name = "kfac"
   factor_text = "Kronecker A ⊗ G"
   refreshed_text = "damped inverses"
-  pi_correction: bool = True
   preconditioner_dtype: Any = None
 
   def _dtypes(self, info: layerwise.LayerInfo) -> Tuple[Any, Any]:
@@ -73,13 +73,9 @@ class KFAC(engine.Algorithm):
     return self.factors(*layer_view(stats, self._dtypes(info)[0]))
 
   def damped_factors(self, factors: KroneckerFactors, damping: Array):
-    """`((A, π√λ), (G, √λ/π))`: each factor with the damping added to its diagonal."""
-    root = jnp.sqrt(damping)
-    pi = 1.0
-    if self.pi_correction:
-      pi = jnp.sqrt(mean_eigenvalue(factors.input_factor) /
-                    mean_eigenvalue(factors.output_factor))
-    return (factors.input_factor, pi * root), (factors.output_factor, root / pi)
+    """`((A, γ m(A)), (G, γ m(G)))` with `(1 + γ)² = 1 + λ` (`damping.relative`): the
+    π-corrected factored damping, relative to the factors' mean eigenvalues."""
+    return tuple((factor, relative_damping(damping, factor, order=2)) for factor in factors)
 
   def refresh(self, info, factors, previous, damping, data):
     damped_input, damped_output = self.damped_factors(factors, damping)
@@ -109,11 +105,10 @@ class TKFAC(KFAC):
     return trace_restricted_factors(a, g)
 
   def damped_factors(self, factors, damping):
-    """`(√δ Φ, √λ)` and `(√δ Ψ, √λ)` from `δΦ`, `δΨ` with `δ = tr δΦ`."""
+    """KFAC's relative damping of `√δ Φ` and `√δ Ψ` (from `δΦ`, `δΨ` with `δ = tr δΦ`)."""
     root_trace = jnp.sqrt(jnp.maximum(jnp.trace(factors.input_factor), TINY))
-    root = jnp.sqrt(damping)
-    return ((factors.input_factor / root_trace, root),
-            (factors.output_factor / root_trace, root))
+    return super().damped_factors(
+        KroneckerFactors(*(factor / root_trace for factor in factors)), damping)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +141,7 @@ class EKFAC(KFAC):
     return bases._replace(scalings=running_average(bases.scalings, batch_scalings, decay, first))
 
   def apply(self, info, bases, factors, grad, damping):
-    return eigen_direction(grad, bases, damping)
+    return eigen_direction(grad, bases, relative_damping(damping, bases.scalings.reshape(-1)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,9 +170,8 @@ def _scale_by(algorithm_type, *, damping, stats_decay, stats_every, inverse_ever
       inverse_every=inverse_every, fallback=fallback, layers=layers)
 
 
-def scale_by_kfac(*, damping: Any, stats_decay: Any = 0.95, stats_every: int = 1,
-                  inverse_every: int = 20, pi_correction: bool = True,
-                  preconditioner_dtype: Any = None,
+def scale_by_kfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: int = 1,
+                  inverse_every: int = 20, preconditioner_dtype: Any = None,
                   fallback: Optional[optax.GradientTransformation] = None,
                   layers: Optional[Sequence[LayerPath]] = None,
                   ) -> optax.GradientTransformationExtraArgs:
@@ -200,13 +194,13 @@ def scale_by_kfac(*, damping: Any, stats_decay: Any = 0.95, stats_every: int = 1
   return _scale_by(KFAC, **locals())
 
 
-def scale_by_tkfac(*, damping: Any, stats_decay: Any = 0.95, stats_every: int = 1,
+def scale_by_tkfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: int = 1,
                    inverse_every: int = 20, preconditioner_dtype: Any = None,
                    fallback: Optional[optax.GradientTransformation] = None,
                    layers: Optional[Sequence[LayerPath]] = None,
                    ) -> optax.GradientTransformationExtraArgs:
   """TKFAC direction `(√δ Φ + √λ I)⁻¹ ∇W̄ (√δ Ψ + √λ I)⁻¹`. See `soo.kfac` for the
-  arguments (TKFAC has no `pi_correction`).
+  arguments.
 
   Example:
     >>> import jax.numpy as jnp, secondorder_optax as soo
@@ -218,13 +212,13 @@ def scale_by_tkfac(*, damping: Any, stats_decay: Any = 0.95, stats_every: int = 
   return _scale_by(TKFAC, **locals())
 
 
-def scale_by_ekfac(*, damping: Any, stats_decay: Any = 0.95, stats_every: int = 1,
+def scale_by_ekfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: int = 1,
                    inverse_every: int = 20, preconditioner_dtype: Any = None,
                    fallback: Optional[optax.GradientTransformation] = None,
                    layers: Optional[Sequence[LayerPath]] = None,
                    ) -> optax.GradientTransformationExtraArgs:
   """EKFAC direction `Q_A [(Q_Aᵀ ∇W̄ Q_G) / (S + λ)] Q_Gᵀ`. See `soo.kfac` for the
-  arguments (`inverse_every` refreshes the eigenbases; no `pi_correction`).
+  arguments (`inverse_every` refreshes the eigenbases).
 
   Example:
     >>> import jax.numpy as jnp, secondorder_optax as soo
@@ -235,13 +229,13 @@ def scale_by_ekfac(*, damping: Any, stats_decay: Any = 0.95, stats_every: int = 
   return _scale_by(EKFAC, **locals())
 
 
-def scale_by_tekfac(*, damping: Any, stats_decay: Any = 0.95, stats_every: int = 1,
+def scale_by_tekfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: int = 1,
                     inverse_every: int = 20, preconditioner_dtype: Any = None,
                     fallback: Optional[optax.GradientTransformation] = None,
                     layers: Optional[Sequence[LayerPath]] = None,
                     ) -> optax.GradientTransformationExtraArgs:
   """TEKFAC direction `Q_Φ [(Q_Φᵀ ∇W̄ Q_Ψ) / (S + λ)] Q_Ψᵀ`. See `soo.kfac` for the
-  arguments (`inverse_every` refreshes the eigenbases; no `pi_correction`).
+  arguments (`inverse_every` refreshes the eigenbases).
 
   Example:
     >>> import jax.numpy as jnp, secondorder_optax as soo
@@ -253,11 +247,12 @@ def scale_by_tekfac(*, damping: Any, stats_decay: Any = 0.95, stats_every: int =
   return _scale_by(TEKFAC, **locals())
 
 
-def kfac(learning_rate: optax.ScalarOrSchedule, *, damping: Any,
+def kfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
          momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
-         kl_clip: Optional[float] = None, stats_decay: Any = 0.95, stats_every: int = 1,
-         inverse_every: int = 20, pi_correction: bool = True, preconditioner_dtype: Any = None,
+         kl_clip: Optional[float] = 0.01, stats_decay: Any = 0.95, stats_every: int = 1,
+         inverse_every: int = 20, preconditioner_dtype: Any = None,
          fallback: Optional[optax.GradientTransformation] = None,
+         fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
          layers: Optional[Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
   """KFAC: `soo.scale_by_kfac`, decoupled weight decay, momentum and `-learning_rate`.
 
@@ -277,7 +272,6 @@ def kfac(learning_rate: optax.ScalarOrSchedule, *, damping: Any,
     inverse_every: inverses (KFAC, TKFAC) or eigenbases (EKFAC, TEKFAC) are refreshed at
       steps where `count % inverse_every == 0`, under `lax.cond`, all same-shape factors
       of the model in one batched call; a failed refresh keeps the previous one.
-    pi_correction: KFAC only: π-corrected factored damping; `False` adds `√λ I` to both.
     preconditioner_dtype: dtype in which the refreshed preconditioners are stored and
       applied (default: the statistics' dtype, float32 at least); `jnp.bfloat16` halves
       their memory, with float32 sums and a float32 direction.
@@ -307,15 +301,16 @@ def kfac(learning_rate: optax.ScalarOrSchedule, *, damping: Any,
   return alias.optimizer(scale_by_kfac, **locals())
 
 
-def tkfac(learning_rate: optax.ScalarOrSchedule, *, damping: Any,
+def tkfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
           momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
-          kl_clip: Optional[float] = None, stats_decay: Any = 0.95, stats_every: int = 1,
+          kl_clip: Optional[float] = 0.01, stats_decay: Any = 0.95, stats_every: int = 1,
           inverse_every: int = 20, preconditioner_dtype: Any = None,
           fallback: Optional[optax.GradientTransformation] = None,
+          fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
           layers: Optional[Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
   """TKFAC: `soo.scale_by_tkfac`, weight decay, momentum, `-learning_rate`.
 
-  Arguments as `soo.kfac` (no `pi_correction`: TKFAC's damping has no π).
+  Arguments as `soo.kfac`.
 
   Example:
     >>> import jax.numpy as jnp, secondorder_optax as soo
@@ -325,11 +320,12 @@ def tkfac(learning_rate: optax.ScalarOrSchedule, *, damping: Any,
   return alias.optimizer(scale_by_tkfac, **locals())
 
 
-def ekfac(learning_rate: optax.ScalarOrSchedule, *, damping: Any,
+def ekfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
           momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
-          kl_clip: Optional[float] = None, stats_decay: Any = 0.95, stats_every: int = 1,
+          kl_clip: Optional[float] = 0.01, stats_decay: Any = 0.95, stats_every: int = 1,
           inverse_every: int = 20, preconditioner_dtype: Any = None,
           fallback: Optional[optax.GradientTransformation] = None,
+          fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
           layers: Optional[Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
   """EKFAC: `soo.scale_by_ekfac`, weight decay, momentum, `-learning_rate`.
 
@@ -344,15 +340,16 @@ def ekfac(learning_rate: optax.ScalarOrSchedule, *, damping: Any,
   return alias.optimizer(scale_by_ekfac, **locals())
 
 
-def tekfac(learning_rate: optax.ScalarOrSchedule, *, damping: Any,
+def tekfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
            momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
-           kl_clip: Optional[float] = None, stats_decay: Any = 0.95, stats_every: int = 1,
+           kl_clip: Optional[float] = 0.01, stats_decay: Any = 0.95, stats_every: int = 1,
            inverse_every: int = 20, preconditioner_dtype: Any = None,
            fallback: Optional[optax.GradientTransformation] = None,
+           fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
            layers: Optional[Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
   """TEKFAC: `soo.scale_by_tekfac`, weight decay, momentum, `-learning_rate`.
 
-  Arguments as `soo.kfac` (`inverse_every` refreshes the eigenbases; no `pi_correction`).
+  Arguments as `soo.kfac` (`inverse_every` refreshes the eigenbases).
 
   Example:
     >>> import jax.numpy as jnp, secondorder_optax as soo

@@ -38,6 +38,7 @@ from jax import lax
 
 from secondorder_optax._src import alias, engine, layerwise, linalg, mini_blocks, validation
 from secondorder_optax._src.base import LayerPath, ScalarOrSchedule, path_to_str, stats_dtype
+from secondorder_optax._src.damping import relative as relative_damping
 from secondorder_optax._src.layerwise import LayerInfo
 from secondorder_optax._src.mini_blocks import MBFPartition, MiniBlocks, packed_size, unpack
 
@@ -62,6 +63,13 @@ def _normalize_overrides(partitions: Optional[Mapping[PartitionKey, MBFPartition
                        f"soo.MiniBlocks(8) or soo.RowBlocks()), got {type(partition).__name__}")
     out[name] = partition
   return out
+
+
+def _layer_diagonal(matrices: Mapping[str, Array]) -> Array:
+  """The diagonals of all mini-blocks of a layer, concatenated (their mean is the mean
+  eigenvalue of the layer's block-diagonal curvature)."""
+  return jnp.concatenate([jnp.diagonal(m, axis1=-2, axis2=-1).reshape(-1)
+                          for m in matrices.values()])
 
 
 def _apply_inverses(inverses: Array, vectors: Array) -> Array:
@@ -114,11 +122,11 @@ class MBF(engine.Algorithm):
     return self.partition(info).statistics(layer, info)
 
   def refresh(self, info, statistics, previous, damping, data):
-    blocks = {}
-    for group, packed in statistics.items():
-      size = previous[group].shape[-1]
-      blocks[group] = engine.Stacked((unpack(packed, size),
-                                      jnp.broadcast_to(damping, packed.shape[:1])))
+    matrices = {group: unpack(packed, previous[group].shape[-1])
+                for group, packed in statistics.items()}
+    shift = relative_damping(damping, _layer_diagonal(matrices))
+    blocks = {group: engine.Stacked((matrix, jnp.broadcast_to(shift, matrix.shape[:1])))
+              for group, matrix in matrices.items()}
     return blocks, dict
 
   def solve(self, block):
@@ -139,7 +147,7 @@ class MBF(engine.Algorithm):
 
 def scale_by_mbf(
     *,
-    damping: ScalarOrSchedule,
+    damping: ScalarOrSchedule = 1.0,
     stats_decay: ScalarOrSchedule = 0.95,
     stats_every: int = 1,
     inverse_every: int = 20,
@@ -220,12 +228,12 @@ def _state_block_size(state: engine.PreconditionerState, overrides: Mapping[str,
 
 
 def mbf(
-    learning_rate: optax.ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule = 0.1,
     *,
-    damping: ScalarOrSchedule,
+    damping: ScalarOrSchedule = 1.0,
     momentum: Optional[float] = 0.9,
     weight_decay: float = 0.0,
-    kl_clip: Optional[float] = None,
+    kl_clip: Optional[float] = 0.01,
     stats_decay: ScalarOrSchedule = 0.95,
     stats_every: int = 1,
     inverse_every: int = 20,
@@ -234,6 +242,7 @@ def mbf(
     preconditioner_dtype: Any = None,
     partitions: Optional[Mapping[PartitionKey, MBFPartition]] = None,
     fallback: Optional[optax.GradientTransformation] = None,
+    fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
     layers: Optional[Sequence[LayerPath]] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The MBF optimizer: `scale_by_mbf` + decoupled weight decay + momentum + learning rate.

@@ -60,6 +60,7 @@ Fisher was seen to diverge where the empirical one trains).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional, Sequence, Tuple
 
 import jax
@@ -68,6 +69,7 @@ import optax
 from secondorder_optax._src import alias, engine, layerwise, linalg, patches, validation
 from secondorder_optax._src import seng_factors as sf
 from secondorder_optax._src.base import LayerPath, ScalarOrSchedule, path_to_str
+from secondorder_optax._src.damping import relative as relative_damping
 from secondorder_optax._src.seng_factors import SengLayerState, SengPlan
 
 _METHOD = "seng"
@@ -120,9 +122,11 @@ class SENG(engine.Algorithm):
                                                 previous.refreshes), info.index)
     # Traced inside the refresh branch: steps without a refresh never slice the examples.
     factors, gram = sf.refresh_factors(sf.select_examples(stats, plan), plan, rng)
-    assemble = lambda solved: SengLayerState(plan, factors, solved["gram"], damping,
+    # Relative to the mean of the nonzero spectrum of UᵀU (rank ≤ min(k, d)).
+    shift = relative_damping(damping, gram, rank=min(gram.shape[-1], math.prod(info.matrix_shape)))
+    assemble = lambda solved: SengLayerState(plan, factors, solved["gram"], shift,
                                              previous.refreshes + 1, previous.seed)
-    return {"gram": (gram, damping)}, assemble
+    return {"gram": (gram, shift)}, assemble
 
   def solve(self, block):
     gram, damping = block
@@ -141,7 +145,7 @@ class SENG(engine.Algorithm):
 
 def scale_by_seng(
     *,
-    damping: ScalarOrSchedule,
+    damping: ScalarOrSchedule = 1.0,
     batch_size: Optional[int] = None,
     subsample: Optional[int] = None,
     inverse_every: int = 200,
@@ -207,14 +211,14 @@ def scale_by_seng(
 
 
 def seng(
-    learning_rate: optax.ScalarOrSchedule,
+    learning_rate: optax.ScalarOrSchedule = 0.1,
     *,
-    damping: ScalarOrSchedule,
+    damping: ScalarOrSchedule = 1.0,
     batch_size: Optional[int] = None,
     subsample: Optional[int] = None,
     momentum: Optional[float] = 0.9,
     weight_decay: float = 0.0,
-    kl_clip: Optional[float] = None,
+    kl_clip: Optional[float] = 0.01,
     inverse_every: int = 200,
     explicit_threshold: int = 1_000_000,
     sketch_size: Optional[int] = 256,
@@ -222,6 +226,7 @@ def seng(
     sequence_layers: Sequence[LayerPath] = (),
     seed: int = 0,
     fallback: Optional[optax.GradientTransformation] = None,
+    fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
     layers: Optional[Sequence[LayerPath]] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SENG optimizer: `scale_by_seng`, decoupled weight decay, momentum, `-learning_rate`.

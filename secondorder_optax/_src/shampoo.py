@@ -25,6 +25,7 @@ import optax
 from secondorder_optax._src import alias, linalg, validation
 from secondorder_optax._src import tensor_modes as tm
 from secondorder_optax._src.base import ScalarOrSchedule
+from secondorder_optax._src.damping import relative as relative_damping
 
 Array = jax.Array
 _GRAFTS = ("rmsprop", "adam")
@@ -38,7 +39,8 @@ class Shampoo(tm.ModeAlgorithm):
 
   def refresh(self, layout, statistics, previous, damping, data):
     exponent = jnp.asarray(2.0 * layout.order, jnp.float32)
-    blocks = {str(i): (stat, damping, exponent) for i, stat in enumerate(statistics)}
+    blocks = {str(i): (stat, relative_damping(damping, stat, order=layout.order), exponent)
+              for i, stat in enumerate(statistics)}
     return blocks, lambda solved: tuple(solved[str(i)] for i in range(layout.order))
 
   def solve(self, block):
@@ -103,7 +105,7 @@ def grafted(direction: optax.GradientTransformation,
 
 def scale_by_shampoo(
     *,
-    damping: ScalarOrSchedule = 1e-4,
+    damping: ScalarOrSchedule = 1e-3,
     stats_decay: Optional[ScalarOrSchedule] = 0.9,
     stats_every: int = 1,
     inverse_every: int = 20,
@@ -147,9 +149,9 @@ def scale_by_shampoo(
 
 
 def shampoo(
-    learning_rate: ScalarOrSchedule,
+    learning_rate: ScalarOrSchedule = 1e-2,
     *,
-    damping: ScalarOrSchedule = 1e-4,
+    damping: ScalarOrSchedule = 1e-3,
     momentum: Optional[float] = 0.9,
     weight_decay: float = 0.0,
     kl_clip: Optional[float] = None,
@@ -158,7 +160,7 @@ def shampoo(
     inverse_every: int = 20,
     max_factor_dim: int = 2048,
     preconditioner_dtype: Any = None,
-    graft: Optional[str] = None,
+    graft: Optional[str] = "adam",
     graft_decay: float = 0.999,
     graft_eps: float = 1e-8,
     graft_momentum: float = 0.9,

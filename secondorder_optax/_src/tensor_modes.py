@@ -256,7 +256,10 @@ class LeafCoverage(engine.Coverage):
 
   def read(self, source, units):
     if isinstance(source, Curvature):
-      source = source.materialize()[1]
+      # Per-example Fisher scale: N × the Gram of the mean gradient at Fisher targets, as
+      # KFAC's factors (a step of the mean gradient's Gram alone is N times too long).
+      root_batch = math.sqrt(source.batch_size or 1)
+      source = jax.tree.map(lambda g: g * root_batch, source.materialize()[1])
     return {key: to_modes(leaf.astype(layout.dtype), layout)
             for (key, layout), leaf in zip(units.items(), jax.tree.leaves(source))}
 
