@@ -204,7 +204,8 @@ class PreconditionerState(NamedTuple):
     statistics: per unit (`"Dense_0"` for a layer, `"Dense_0/kernel"` for a leaf), the
       running averages of the method's statistics.
     preconditioner: per unit, the preconditioner of the last successful refresh (the
-      identity before the first).
+      identity before the first); for a method with per-step state (`Algorithm.step`:
+      SOAP's Adam moments) that state too, advanced at every finite step.
     failures: refreshes that failed (non-finite or unusable result, or a negative damping);
       each kept the unit's previous preconditioner.
     fallback: state of the fallback transformation on the leaves no unit covers.
