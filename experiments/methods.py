@@ -57,6 +57,10 @@ method (KFAC, EKFAC, TKFAC, TEKFAC, TNT, MBF, SENG; Shampoo is not a Fisher meth
   diverged in the 10-epoch run, so all seven presets use `kl_clip=0.01`. (SENG's clipped
   preset nevertheless ends its 10 epochs behind its round-1 one, 87.05 vs 84.08.)
 
+SOAP (added with issue 18) was not swept: its preset is the paper's defaults (those of
+`soo.soap()`), and its step-time settings are the paper's refresh period, by `eigh` and by
+the QR power-iteration step (`SOAP_REFRESH`).
+
 See README.md, Results.
 
 Example:
