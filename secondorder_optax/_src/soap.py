@@ -119,14 +119,14 @@ class Soap(tm.ModeAlgorithm):
     rotated = [i for i, diag in enumerate(layout.diagonal) if not diag]
     blocks = {str(i): (statistics[i], previous.bases[i].astype(statistics[i].dtype))
               for i in rotated}
-    first = previous.first_debias == 0  # no step taken in any basis yet
 
     def assemble(solved):
       bases = list(previous.bases)
       exp_avg, exp_avg_sq = previous.exp_avg, previous.exp_avg_sq
       for i in rotated:
         basis, order = solved[str(i)]
-        if self.refresh_method == "qr":  # the paper starts the power iteration from eigh
+        if self.refresh_method == "qr":  # the paper starts the power iteration from eigh:
+          first = previous.first_debias == 0  # no step taken in any basis yet
           basis = lax.cond(first, _eigenbasis, lambda _, b=basis: b, statistics[i])
         old = previous.bases[i].astype(basis.dtype)
         exp_avg = _mode_product(exp_avg, linalg.matmul(basis.T, old), i)
