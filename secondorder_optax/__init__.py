@@ -22,6 +22,7 @@ from secondorder_optax._src.mini_blocks import MBFPartition, MiniBlocks, RowBloc
 from secondorder_optax._src.seng import scale_by_seng, seng
 from secondorder_optax._src.seng_factors import (ExplicitFactors, OuterProductFactors,
                                                 SengLayerState, SengPlan)
+from secondorder_optax._src.soap import SoapPreconditioner, scale_by_soap, soap
 from secondorder_optax._src.shampoo import GraftState, scale_by_shampoo, shampoo
 from secondorder_optax._src.tnt import scale_by_tnt, tnt
 
@@ -44,6 +45,7 @@ __all__ = [
     "RowBlocks",
     "SengLayerState",
     "SengPlan",
+    "SoapPreconditioner",
     "build_optimizer",
     "clip_by_kl",
     "describe",
@@ -58,11 +60,13 @@ __all__ = [
     "scale_by_mbf",
     "scale_by_seng",
     "scale_by_shampoo",
+    "scale_by_soap",
     "scale_by_tekfac",
     "scale_by_tkfac",
     "scale_by_tnt",
     "seng",
     "shampoo",
+    "soap",
     "tekfac",
     "tkfac",
     "tnt",

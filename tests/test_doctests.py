@@ -16,6 +16,7 @@ MODULES = [
     "secondorder_optax._src.kfac",
     "secondorder_optax._src.tnt",
     "secondorder_optax._src.shampoo",
+    "secondorder_optax._src.soap",
     "secondorder_optax._src.mbf",
     "secondorder_optax._src.seng",
     "secondorder_optax._src.engine",

@@ -10,7 +10,9 @@ parameter leaf):
 * `solve(block)`: one block's refresh (the engine runs it batched);
 * `apply(unit, preconditioner, statistics, grad, damping)`: the direction (every step);
 * optionally `track(...)`: cheap preconditioner statistics re-estimated at every
-  statistics step in the current preconditioner (EKFAC's eigenvalue corrections).
+  statistics step in the current preconditioner (EKFAC's eigenvalue corrections);
+* optionally `step(...)`: per-step state kept in the preconditioner and advanced with every
+  finite gradient, before `apply` (SOAP's Adam moments in its eigenbasis).
 
 The engine owns everything else, once: the step `count`; the finite-gradient gate (a step
 with non-finite gradients leaves the state as it is); the `stats_every` / `inverse_every`
@@ -109,6 +111,19 @@ class Algorithm(abc.ABC):
   def tracks(self) -> bool:
     return type(self).track is not Algorithm.track
 
+  def step(self, unit: Any, preconditioner: Any, grad: Array,
+           hyperparameters: Dict[str, Array]) -> Any:
+    """The preconditioner with its per-step state advanced by this step's gradient (every
+    step with finite gradients, after this step's refresh and before `apply`, which sees the
+    advanced state); `hyperparameters` are the transformation's `step_hyperparameters`,
+    read at this step. A refresh's `assemble` carries the per-step state into the new
+    preconditioner (it gets it in `previous`). The default keeps no per-step state."""
+    return preconditioner
+
+  @property
+  def steps(self) -> bool:
+    return type(self).step is not Algorithm.step
+
   @abc.abstractmethod
   def apply(self, unit: Any, preconditioner: Any, statistics: Any, grad: Array,
             damping: Array) -> Array:
@@ -121,23 +136,28 @@ class Algorithm(abc.ABC):
 class Settings(NamedTuple):
   """The step's hyperparameters as arrays (any may be traced by `inject_hyperparams`).
 
-  `stats_decay=None` sums the statistics instead of averaging them (Shampoo's original).
+  `stats_decay=None` sums the statistics instead of averaging them (Shampoo's original);
+  `step` holds the hyperparameters of `Algorithm.step` (e.g. SOAP's Adam decays).
   """
 
   damping: Array
   stats_decay: Optional[Array]
   stats_every: Array
   inverse_every: Array
+  step: Dict[str, Array]
 
 
 def settings(count: Array, *, damping: ScalarOrSchedule, stats_decay: Any, stats_every: Any,
-             inverse_every: Any) -> Settings:
+             inverse_every: Any, step_hyperparameters: Optional[Dict[str, Any]] = None
+             ) -> Settings:
   """Reads hyperparameters that may be numbers, arrays or optax schedules of `count`."""
   return Settings(
       damping=hyperparameter_value(damping, count),
       stats_decay=None if stats_decay is None else hyperparameter_value(stats_decay, count),
       stats_every=jnp.asarray(stats_every, jnp.int32),
-      inverse_every=jnp.asarray(inverse_every, jnp.int32))
+      inverse_every=jnp.asarray(inverse_every, jnp.int32),
+      step={name: hyperparameter_value(value, count)
+            for name, value in (step_hyperparameters or {}).items()})
 
 
 # ---------------------------------------------------------------------------------------
@@ -184,7 +204,8 @@ class PreconditionerState(NamedTuple):
     statistics: per unit (`"Dense_0"` for a layer, `"Dense_0/kernel"` for a leaf), the
       running averages of the method's statistics.
     preconditioner: per unit, the preconditioner of the last successful refresh (the
-      identity before the first).
+      identity before the first); for a method with per-step state (`Algorithm.step`:
+      SOAP's Adam moments) that state too, advanced at every finite step.
     failures: refreshes that failed (non-finite or unusable result, or a negative damping);
       each kept the unit's previous preconditioner.
     fallback: state of the fallback transformation on the leaves no unit covers.
@@ -444,8 +465,14 @@ def _step(updates, source, state: PreconditionerState, hyper: Settings, *,
   grads = coverage.gather(updates, units)
   refreshed = refresh_state(algorithm, units, lambda: coverage.read(source, units), state,
                             active, hyper)
-  directions = {key: algorithm.apply(unit, refreshed.preconditioner[key],
-                                     refreshed.statistics[key], grads[key], hyper.damping)
+  preconditioner = refreshed.preconditioner
+  if algorithm.steps:
+    preconditioner = {key: algorithm.step(unit, preconditioner[key], grads[key], hyper.step)
+                      for key, unit in units.items()}
+    refreshed = refreshed._replace(
+        preconditioner=_keep_unless(active, preconditioner, refreshed.preconditioner))
+  directions = {key: algorithm.apply(unit, preconditioner[key], refreshed.statistics[key],
+                                     grads[key], hyper.damping)
                 for key, unit in units.items()}
   out = coverage.scatter(directions, updates, units)
   return out, active, refreshed
@@ -454,11 +481,13 @@ def _step(updates, source, state: PreconditionerState, hyper: Settings, *,
 def transformation(algorithm: Algorithm, coverage: Coverage, *, damping: ScalarOrSchedule,
                    stats_decay: Any, stats_every: Any, inverse_every: Any,
                    fallback: Optional[optax.GradientTransformation] = None,
+                   step_hyperparameters: Optional[Dict[str, ScalarOrSchedule]] = None,
                    ) -> optax.GradientTransformationExtraArgs:
   """The optax transformation of `algorithm` over `coverage`'s units.
 
   `update(updates, state, params=None, *, curvature=None, **extra_args)`; leaves outside
-  the units go through `fallback` (default `optax.identity()`).
+  the units go through `fallback` (default `optax.identity()`). `step_hyperparameters`
+  (numbers, arrays or schedules, by name) are read at every step for `Algorithm.step`.
   """
   from secondorder_optax._src import layerwise  # pylint: disable=g-import-not-at-top
   fallback = optax.identity() if fallback is None else fallback
@@ -492,7 +521,8 @@ def transformation(algorithm: Algorithm, coverage: Coverage, *, damping: ScalarO
     units = coverage.units(method, updates if params is None else params, state.statistics)
     source = coverage.source(method, updates, units, curvature, extra_args)
     hyper = settings(state.count, damping=damping, stats_decay=stats_decay,
-                     stats_every=stats_every, inverse_every=inverse_every)
+                     stats_every=stats_every, inverse_every=inverse_every,
+                     step_hyperparameters=step_hyperparameters)
     out, active, refreshed = _step(updates, source, state, hyper, algorithm=algorithm,
                                    coverage=coverage, unit_items=tuple(units.items()))
     fb = masked_fallback(updates if params is None else params, units)

@@ -64,6 +64,17 @@ def check_decay(method: str, value: Any, *, allow_none: bool = False) -> None:
     raise ValueError(f"{method}: stats_decay must be in [0, 1), got {number}")
 
 
+def check_unit_interval(method: str, name: str, value: Any) -> None:
+  """A decay such as Adam's `b1`, `b2` in `[0, 1)` (or traced, or a schedule)."""
+  number = concrete(value)
+  if number is None:
+    if value is None:
+      raise ValueError(f"{method}: {name} must be a number in [0, 1), got None")
+    return
+  if not 0 <= number < 1:
+    raise ValueError(f"{method}: {name} must be in [0, 1), got {number}")
+
+
 def check_fisher(method: str, value: Any) -> None:
   if value not in FISHER_KINDS:
     raise ValueError(f"{method}: fisher must be one of {FISHER_KINDS}, got {value!r}")
