@@ -261,8 +261,11 @@ def kfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
 
   Args:
     learning_rate: a number or an optax schedule.
-    damping: Tikhonov damping λ (number, array or optax schedule of the step).
-    momentum: heavy-ball momentum (`optax.trace`); `None` or 0 for none.
+    damping: relative damping λ (number, array or optax schedule of the step): every damped
+      curvature block's mean eigenvalue is `1 + λ` times its own (`soo` DESIGN §6), so one
+      value means the same for every method and every data scale.
+    momentum: `β` of the EMA of the preconditioned directions (`optax.ema(β, debias=True)`);
+      `None` or 0 for none.
     weight_decay: decoupled weight decay coefficient.
     kl_clip: `None` or κ > 0: shorten steps whose estimated KL change `η² ⟨Δ, g⟩` exceeds
       κ (`soo.clip_by_kl`; Ba et al. 2017).
@@ -276,7 +279,9 @@ def kfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
       applied (default: the statistics' dtype, float32 at least); `jnp.bfloat16` halves
       their memory, with float32 sums and a float32 direction.
     fallback: transformation for parameter leaves outside captured layers (default
-      `optax.identity()`); `soo.describe(tx, params)` lists the rule of every leaf.
+      `optax.adamw(fallback_learning_rate, weight_decay=weight_decay)`, as optax's Muon
+      does for non-matrix leaves); `soo.describe(tx, params)` lists the rule of every leaf.
+    fallback_learning_rate: the default fallback's learning rate (Adam's own scale).
     layers: optional explicit list of layer paths to precondition (default: every node
       with a `kernel` and optional `bias`); the other leaves go to `fallback`.
 

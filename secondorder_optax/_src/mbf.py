@@ -249,9 +249,10 @@ def mbf(
 
   Args:
     learning_rate: a number or an optax schedule.
-    damping: λ added to every mini-block before inversion (number, array or optax
-      schedule; read at inverse refreshes).
-    momentum: heavy-ball momentum; `None` or 0 for none.
+    damping: relative damping λ (read at inverse refreshes): every mini-block of a layer gets
+      `λ` times the mean of the layer's block diagonals (`soo` DESIGN §6).
+    momentum: `β` of the EMA of the preconditioned directions (`optax.ema(β, debias=True)`);
+      `None` or 0 for none.
     weight_decay: decoupled weight decay.
     kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
       (`soo.clip_by_kl`).
@@ -267,7 +268,10 @@ def mbf(
       sums and a float32 direction.
     partitions: optional per-layer partitions overriding `MiniBlocks(block_size)`, keyed by
       layer path (`"Encoder_0/Dense_1"` or `("Encoder_0", "Dense_1")`).
-    fallback: transformation for leaves outside captured layers (default identity).
+    fallback: transformation for parameter leaves outside captured layers (default
+      `optax.adamw(fallback_learning_rate, weight_decay=weight_decay)`, as optax's Muon
+      does for non-matrix leaves); `soo.describe(tx, params)` lists the rule of every leaf.
+    fallback_learning_rate: the default fallback's learning rate (Adam's own scale).
     layers: optional explicit list of layer paths to precondition.
 
   Returns:

@@ -233,11 +233,13 @@ def seng(
 
   Args:
     learning_rate: a number or an optax schedule.
-    damping: λ, a number or an optax schedule of the step (read at refreshes).
+    damping: relative damping λ (read at refreshes): `λ` times the mean nonzero eigenvalue of
+      each layer's empirical Fisher, `tr F / min(N, d)` (`soo` DESIGN §6).
     batch_size: number of examples in every `curvature` (fixes the state size); needed
       unless `subsample` is given.
     subsample: use only the first `subsample` examples of each batch for the curvature.
-    momentum: heavy-ball momentum on the preconditioned direction.
+    momentum: `β` of the EMA of the preconditioned directions (`optax.ema(β, debias=True)`);
+      `None` or 0 for none.
     weight_decay: decoupled weight decay.
     kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
       (`soo.clip_by_kl`).
@@ -253,7 +255,10 @@ def seng(
       Other dense layers must have one location per example.
     seed: seed of the sketches' coordinate sampling (read at `init`; fresh coordinates
       every refresh).
-    fallback: transformation for leaves outside captured layers (default identity).
+    fallback: transformation for parameter leaves outside captured layers (default
+      `optax.adamw(fallback_learning_rate, weight_decay=weight_decay)`, as optax's Muon
+      does for non-matrix leaves); `soo.describe(tx, params)` lists the rule of every leaf.
+    fallback_learning_rate: the default fallback's learning rate (Adam's own scale).
     layers: optional explicit list of layer paths to precondition.
 
   Returns:

@@ -169,8 +169,10 @@ def shampoo(
 
   Args:
     learning_rate: a number or an optax schedule.
-    damping: `ε` added to every statistic before its root (number, array or schedule).
-    momentum: heavy-ball momentum (`optax.trace`) on the preconditioned direction.
+    damping: relative damping λ: each statistic gets `H_i + γ m(H_i) I` before its root,
+      `(1 + γ)^k = 1 + λ` over a leaf's `k` modes (`soo` DESIGN §6).
+    momentum: `β` of the EMA of the preconditioned directions (`optax.ema(β, debias=True)`);
+      `None` or 0 for none.
     weight_decay: decoupled weight decay coefficient.
     kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
       (`soo.clip_by_kl`).
