@@ -42,7 +42,8 @@ def row_blocks(kernel_shape, has_bias):
 
 
 def block_diagonal_direction(vectors, grad_matrix, blocks, damping):
-  """Dense solve `(F_bd + λI)⁻¹ vec(∇)` with F_bd the Fisher restricted to the blocks."""
+  """Dense solve `(F_bd + λ m I)⁻¹ vec(∇)`: F_bd the Fisher restricted to the blocks, `m`
+  its mean eigenvalue (relative damping, DESIGN §6)."""
   d_out = grad_matrix.shape[1]
   fisher = models.fisher_block(vectors)
   block_of = np.full(fisher.shape[0], -1)
@@ -52,7 +53,8 @@ def block_diagonal_direction(vectors, grad_matrix, blocks, damping):
       block_of[row * d_out + col] = b
   assert np.all(block_of >= 0), "test partition misses entries"
   mask = block_of[:, None] == block_of[None, :]
-  matrix = np.where(mask, fisher, 0.0) + damping * np.eye(fisher.shape[0])
+  mean_eigenvalue = np.trace(fisher) / fisher.shape[0]
+  matrix = np.where(mask, fisher, 0.0) + damping * mean_eigenvalue * np.eye(fisher.shape[0])
   return np.linalg.solve(matrix, grad_matrix.reshape(-1)).reshape(grad_matrix.shape)
 
 
@@ -220,7 +222,8 @@ def test_running_average_and_held_inverse():
         for r, c in entries:
           block_of[r * d_out + c] = b
       mask = block_of[:, None] == block_of[None, :]
-      matrix = np.where(mask, used[path], 0.0) + DAMPING * np.eye(grad.size)
+      shift = DAMPING * np.trace(used[path]) / grad.size  # relative to the mean eigenvalue
+      matrix = np.where(mask, used[path], 0.0) + shift * np.eye(grad.size)
       want = np.linalg.solve(matrix, grad.reshape(-1)).reshape(grad.shape)
       got = models.grad_matrix(updates, path, layer_info(params, path)[1])
       assert models.relative_error(got, want) < 1e-5, (i, path)
@@ -299,10 +302,10 @@ def test_failed_inversion_keeps_previous_and_counts():
 
 def test_describe_lists_blocks_and_fallback():
   params = {"Dense_0": {"kernel": jnp.ones((5, 3)), "bias": jnp.ones(3)}, "scale": jnp.ones(2)}
-  rules = soo.describe(soo.mbf(0.1, damping=DAMPING, block_size=2), params, print_fn=None)
+  rules = soo.describe(soo.mbf(block_size=2), params, print_fn=None)
   assert rules["Dense_0/kernel"] == ("mbf: MiniBlocks(block_size=2) mini-blocks: "
                                      "bias 3×1, chunks 6×2, last_chunk 3×1")
-  assert rules["scale"] == "fallback (identity)"
+  assert rules["scale"] == "fallback: adam (its own learning rate)"
 
 
 # ---------------------------------------------------------------------------------------

@@ -266,7 +266,9 @@ def train_without_curvature(tx, loss_fn, params, steps=25):
 
 def test_mixed_pytree_without_curvature():
   params, loss_fn = mixed_problem()
-  tx = soo.tnt(0.05, damping=EPS, max_factor_dim=16)
+  # Without curvature the statistics are the rank-one minibatch gradients: that mode needs
+  # a larger damping than the default (documented in soo.tnt; at 1 this problem does not train).
+  tx = soo.tnt(damping=10.0, max_factor_dim=16)
   rules = soo.describe(tx, params, print_fn=None)
   assert rules == {key: f"tnt: modes {modes}, " + (
       "full factors" if not diag else
@@ -282,7 +284,8 @@ def test_mixed_pytree_without_curvature():
     assert_close(actual, tnt_direction([grad], grad, modes, diag, decay=0.9))
   losses, state = train_without_curvature(tx, loss_fn, params)
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
-  (tnt_state,) = [s for s in state if isinstance(s, soo.PreconditionerState)]
+  is_tnt = lambda s: isinstance(s, soo.PreconditionerState)
+  (tnt_state,) = [s for s in jax.tree.leaves(state, is_leaf=is_tnt) if is_tnt(s)]
   assert int(tnt_state.count) == 25 and int(tnt_state.failures) == 0
 
 

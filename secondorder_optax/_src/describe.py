@@ -87,10 +87,10 @@ def describe(tx_or_curvature: Any, params: Any, *, curvature: Optional[Curvature
     >>> import jax.numpy as jnp, optax, secondorder_optax as soo
     >>> params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
     ...           "scale": jnp.ones(2)}
-    >>> tx = optax.MultiSteps(soo.kfac(1e-3, damping=1e-3), every_k_schedule=2)
+    >>> tx = optax.MultiSteps(soo.kfac(), every_k_schedule=2)
     >>> rules = soo.describe(tx, params, print_fn=None)
     >>> rules["scale"]
-    'fallback (identity)'
+    'fallback: adam (its own learning rate)'
   """
   if isinstance(tx_or_curvature, Curvature):
     rules = _curvature_rules(tx_or_curvature, params)
