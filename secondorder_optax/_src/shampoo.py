@@ -149,7 +149,7 @@ def scale_by_shampoo(
 
 
 def shampoo(
-    learning_rate: ScalarOrSchedule = 1e-2,
+    learning_rate: ScalarOrSchedule = 3e-2,
     *,
     damping: ScalarOrSchedule = 1e-3,
     momentum: Optional[float] = 0.9,
@@ -168,7 +168,11 @@ def shampoo(
   """Shampoo optimizer: Shampoo direction, decoupled weight decay, momentum, `-lr`.
 
   Args:
-    learning_rate: a number or an optax schedule.
+    learning_rate: a number or an optax schedule. With the default Adam grafting the step
+      has Adam's per-layer size, so this is an Adam-scale rate; 3e-2 was chosen over 1e-2
+      on the digits MLP (0.017 vs 0.067 after 75 steps), the Fashion-MNIST CNN (0.421 vs
+      0.466) and inputs scaled by 1e4 (`docs/defaults.md`); 1e-2 was better on the MNIST
+      autoencoder (106 vs 135 after 50 steps; Adam 175).
     damping: relative damping λ: each statistic gets `H_i + γ m(H_i) I` before its root,
       `(1 + γ)^k = 1 + λ` over a leaf's `k` modes (`soo` DESIGN §6).
     momentum: `β` of the EMA of the preconditioned directions (`optax.ema(β, debias=True)`);
@@ -198,7 +202,7 @@ def shampoo(
     >>> import jax, jax.numpy as jnp, optax, secondorder_optax as soo
     >>> params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
     >>> loss = lambda p: jnp.sum((jnp.ones(3) @ p["w"] + p["b"] - 1.0) ** 2)
-    >>> tx = soo.shampoo(learning_rate=0.05, damping=1e-3)
+    >>> tx = soo.shampoo()
     >>> state = tx.init(params)
     >>> for _ in range(50):
     ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
