@@ -1,9 +1,11 @@
 """Compares optimizers on one task: `python -m experiments.compare`.
 
 With no arguments: the deep autoencoder on scikit-learn's embedded 8x8 digits, every method
-available in the installed `secondorder_optax` plus Adam and SGD-momentum, each at its paper
-preset (`experiments/methods.py`), same initial parameters and batch order for all. About two
-minutes on 2 CPU cores, no network, no data files.
+available in the installed `secondorder_optax` at the library's defaults (`soo.<m>()`), plus
+the baselines users pick today (`optax.adam(1e-3)`, `optax.adamw(1e-3)`, SGD-momentum,
+`optax.contrib.muon`), same initial parameters and batch order for all. About two minutes
+on 2 CPU cores, no network, no data files. `--presets` runs the second-order methods at the
+tuned presets of `experiments/methods.py` instead.
 
 The papers' benchmark (MNIST autoencoder, 10 epochs, batch 1000):
 
@@ -55,6 +57,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--epochs", type=int, default=None, help="default: 20 on digits, else 10")
   p.add_argument("--batch-size", type=int, default=None,
                  help="default: 100 on digits, else 1000")
+  p.add_argument("--presets", action="store_true",
+                 help="second-order methods at the tuned presets of experiments/methods.py "
+                      "(default: the library's defaults, soo.<method>())")
   p.add_argument("--methods", default=None,
                  help="comma-separated names (default: every available one): "
                       + ",".join(methods_lib.ALL_NAMES))
@@ -127,10 +132,13 @@ def method_grid(method: methods_lib.Method, args: argparse.Namespace):
   return lrs, [method.damping * m for m in (_csv_numbers(args.damping_grid) or [1.0])]
 
 
-def select_methods(names: Optional[str]) -> List[methods_lib.Method]:
+def select_methods(names: Optional[str], presets: bool = False) -> List[methods_lib.Method]:
+  """The named methods (default: every available one), at the library's defaults or, with
+  `presets`, at the tuned presets."""
   if names is None:
-    return list(methods_lib.available_methods())
-  return [methods_lib.get_method(n.strip()) for n in names.split(",") if n.strip()]
+    names = ",".join(methods_lib.available_names())
+  pick = methods_lib.get_method if presets else methods_lib.library_defaults
+  return [pick(n.strip()) for n in names.split(",") if n.strip()]
 
 
 def best_run(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -247,7 +255,7 @@ def run_comparison(args: argparse.Namespace) -> Dict[str, Any]:
   task = training.make_task(args.task, dataset, hidden=_csv_numbers(args.hidden, int))
   grid = _csv_numbers(args.lr_grid) or [1.0]
   damping_grid = _csv_numbers(args.damping_grid) or [1.0]
-  selected = select_methods(args.methods)
+  selected = select_methods(args.methods, presets=args.presets)
   output_dir = args.output_dir or os.path.join("results", f"compare_{args.task}_{args.dataset}")
   os.makedirs(output_dir, exist_ok=True)
 
@@ -277,7 +285,7 @@ def run_comparison(args: argparse.Namespace) -> Dict[str, Any]:
             "batch_size": batch_size, "train_examples": int(len(dataset.x_train)),
             "lr_grid": grid, "damping_grid": damping_grid,
             "lrs": _csv_numbers(args.lrs), "dampings": _csv_numbers(args.dampings),
-            "settings": settings, "seed": args.seed,
+            "settings": settings, "seed": args.seed, "presets": args.presets,
             "methods": [m.name for m in selected],
             "machine": _machine()}
   return write_outputs(output_dir, config, runs, best, classifier=task.is_classifier,

@@ -60,16 +60,6 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
   return grid
 
 
-def default_method(name: str) -> methods_lib.Method:
-  """The registry entry of `name` with the library's defaults (no preset values)."""
-  method = methods_lib.get_method(name)
-  if name in methods_lib.BASELINES:
-    return method
-  return methods_lib.Method(name=name, factory=method.factory, learning_rate=None,
-                            hparams={}, fisher=method.fisher,
-                            reference="library defaults")
-
-
 def load_task(name: str, data_dir: Optional[str]):
   task_name, dataset_name, subset, batch, epochs = TASKS[name]
   dataset = data_lib.load_dataset(dataset_name, data_dir=data_dir)
@@ -82,17 +72,10 @@ def load_task(name: str, data_dir: Optional[str]):
 def run_one(task, dataset, method, *, batch, epochs, settings, seed):
   settings = dict(settings)
   lr = settings.pop("learning_rate", None)
-  if lr is None and method.learning_rate is None:
-    lr = _default_learning_rate(method)
   run = training.train(task, dataset, method, epochs=epochs, batch_size=batch,
                        learning_rate=lr, seed=seed, progress=False, overrides=settings)
   return {"learning_rate": lr, "train_loss": run["train_loss"],
           "seconds_per_step": run["seconds_per_step"], "diverged": run["diverged"]}
-
-
-def _default_learning_rate(method):
-  import inspect  # pylint: disable=g-import-not-at-top
-  return inspect.signature(method.factory).parameters["learning_rate"].default
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -110,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   for task_name in args.tasks.split(","):
     task, dataset, batch, epochs = load_task(task_name, args.data_dir)
     for name in args.methods.split(","):
-      method = default_method(name)
+      method = methods_lib.library_defaults(name)
       points = [dict(zip(keys, values)) for values in itertools.product(
           *(grid[k] for k in keys))] or [{}]
       if name in methods_lib.BASELINES:

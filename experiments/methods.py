@@ -125,8 +125,13 @@ class Method:
 
   @property
   def damping(self) -> Optional[float]:
-    """The preset value of `damping_key` (`None` for undamped methods)."""
-    return None if self.damping_key is None else self.hparams[self.damping_key]
+    """The preset value of `damping_key` (`None` for undamped methods); for a method at
+    the library's defaults, the factory's default."""
+    if self.damping_key is None:
+      return None
+    if self.damping_key in self.hparams:
+      return self.hparams[self.damping_key]
+    return inspect.signature(self.factory).parameters[self.damping_key].default
 
   @property
   def needs_curvature(self) -> bool:
@@ -177,6 +182,15 @@ def _adam(learning_rate, *, b1=0.9, b2=0.999, eps=1e-8):
   return optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
 
 
+def _adamw(learning_rate, *, eps=1e-8, weight_decay=1e-4):
+  return optax.adamw(learning_rate, eps=eps, weight_decay=weight_decay)
+
+
+def _muon(learning_rate, *, adam_learning_rate=1e-3):
+  """optax's Muon: orthogonalized momentum for matrices, Adam (its own rate) for the rest."""
+  return optax.contrib.muon(learning_rate, adam_learning_rate=adam_learning_rate)
+
+
 class _Lazy:
   """Calls `soo.<name>` when built, so the registry imports before every method lands."""
 
@@ -202,6 +216,15 @@ _PRESETS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
         damping_key="eps",
         reference="Kingma & Ba 2015 defaults lr 1e-3, b1 0.9, b2 0.999, eps 1e-8; sweep "
                   "chose lr 1e-3, eps 1e-6 (20-step loss 206.4; eps 1e-8: 206.5)")),
+    ("adamw", dict(
+        factory=_adamw, learning_rate=1e-3, hparams={"eps": 1e-8, "weight_decay": 1e-4},
+        fisher=None, damping_key="eps",
+        reference="optax.adamw at its defaults (lr 1e-3, weight decay 1e-4); not swept")),
+    ("muon", dict(
+        factory=_muon, learning_rate=0.02, hparams={"adam_learning_rate": 1e-3},
+        fisher=None, damping_key=None,
+        reference="optax.contrib.muon: lr 0.02 (Keller Jordan's default for the matrices), "
+                  "Adam at 1e-3 for the other leaves; not swept")),
     ("sgd", dict(
         factory=_sgd, learning_rate=1e-3, hparams={"momentum": 0.9}, fisher=None,
         damping_key=None,
@@ -299,7 +322,7 @@ _REFRESH = {"tnt": KRONECKER_REFRESH, "kfac": KRONECKER_REFRESH,
             "tekfac": KRONECKER_REFRESH, "shampoo": KRONECKER_REFRESH,
             "soap": SOAP_REFRESH,
             "mbf": KRONECKER_REFRESH, "seng": SENG_REFRESH}
-BASELINES = ("adam", "sgd")
+BASELINES = ("adam", "adamw", "muon", "sgd")
 ALL_NAMES = tuple(name for name, _ in _PRESETS)
 
 
@@ -321,6 +344,17 @@ def get_method(name: str) -> Method:
   factory = preset.pop("factory", None) or _Lazy(name)
   return Method(name=name, factory=factory, refresh_settings=_REFRESH.get(name, {}),
                 **preset)
+
+
+def library_defaults(name: str) -> Method:
+  """`name` at the library's defaults (`soo.<name>()`, nothing set); baselines keep their
+  presets (Adam: lr 1e-3)."""
+  method = get_method(name)
+  if name in BASELINES:
+    return method
+  lr = inspect.signature(getattr(soo, name)).parameters["learning_rate"].default
+  return dataclasses.replace(method, learning_rate=lr, hparams={},
+                             reference="library defaults")
 
 
 def available_names() -> Tuple[str, ...]:

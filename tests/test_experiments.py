@@ -114,11 +114,15 @@ def test_embedded_digits():
 
 def test_registry_lists_baselines_and_available_methods():
   names = methods.available_names()
-  assert names[:2] == ("adam", "sgd")
-  for name in methods.ALL_NAMES[2:]:
+  assert names[:4] == methods.BASELINES == ("adam", "adamw", "muon", "sgd")
+  for name in methods.ALL_NAMES[4:]:
     assert (name in names) == hasattr(methods.soo, name)
   for method in methods.available_methods():
     assert method.reference and method.learning_rate > 0
+  # At the library's defaults: the factory's own learning rate and nothing set.
+  kfac = methods.library_defaults("kfac")
+  assert kfac.hparams == {} and kfac.learning_rate == 0.1 and kfac.damping == 1.0
+  assert methods.library_defaults("adam") == methods.get_method("adam")
   with pytest.raises(ValueError, match="unknown method 'lbfgs'"):
     methods.get_method("lbfgs")
   with pytest.raises(TypeError, match=r"\['not_a_knob'\].*not accepted"):

@@ -121,10 +121,12 @@ def tnt(
   KFAC's), or from the raw gradient without `curvature`. The defaults are chosen for the
   first (pass `curvature=`): the raw minibatch gradient gives rank-one statistics whose
   inverse does not shrink the step as the gradient shrinks, and that mode needs a larger
-  damping (about 10; at 1 a small mixed-pytree regression does not train). Unlike the paper's code, the
-  gradient is preconditioned before the momentum average, as for every other method here
-  (on the digits MLP at the defaults, preconditioning the momentum buffer instead ended at
-  0.295 after 75 steps, this order at 0.045; `docs/defaults.md`).
+  damping (about 10; at 1 a small mixed-pytree regression does not train).
+
+  Unlike the paper's code, the gradient is preconditioned before the momentum average, as
+  for every other method here (on the digits MLP at the defaults, preconditioning the
+  momentum buffer instead ended at 0.295 after 75 steps, this order at 0.045;
+  `docs/defaults.md`).
 
   Args:
     learning_rate: a number or an optax schedule.
