@@ -86,6 +86,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  help="a hyperparameter and its values (repeatable; product of all)")
   p.add_argument("--data-dir", default=None)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--sweep-baselines", action="store_true",
+                 help="run the baselines on the grid too (default: once, at their presets)")
   p.add_argument("--out", required=True)
   args = p.parse_args(argv)
   grid = parse_grid(args.grid)
@@ -96,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       method = methods_lib.library_defaults(name)
       points = [dict(zip(keys, values)) for values in itertools.product(
           *(grid[k] for k in keys))] or [{}]
-      if name in methods_lib.BASELINES:
+      if name in methods_lib.BASELINES and not args.sweep_baselines:
         points = [{}]  # the baselines run once, at their presets (Adam: lr 1e-3)
       for point in points:
         start = time.perf_counter()
