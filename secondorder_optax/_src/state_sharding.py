@@ -144,6 +144,8 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules, *,
         fitted.append(None)
       else:
         fitted.append(entry)
+    while fitted and fitted[-1] is None:  # P('data', None) is P('data'); P(None) is P()
+      fitted.pop()
     return NamedSharding(mesh, PartitionSpec(*fitted))
 
   return jax.tree_util.tree_map_with_path(sharding, state)
