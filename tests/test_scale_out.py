@@ -23,8 +23,10 @@ import secondorder_optax as soo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "scale_out_worker.py")
-# Optimisation level 0: these programs are tiny, their compile time is the test's cost.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# Optimisation level 0: these programs are tiny, their compile time is the test's cost. The
+# scheduler flag as in experiments/__init__.py (a jaxlib 0.10.2 CPU deadlock).
+FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 TIMEOUT = 900
 
 # Largest relative parameter difference, 8 devices vs 1, after 10 steps (float32). In
