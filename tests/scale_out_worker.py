@@ -7,7 +7,8 @@ simulated CPU devices and writes their results to OUT.json:
 * `methods`: every method, 10 jitted steps of a 4-8-3 MLP on a batch of 32 sharded over the
   8 devices (under `jax.set_mesh`, so refreshes are spread), against the same steps on one
   device; also saves the one-device KFAC and TNT parameters for the two-process check.
-* `spread`: factorizations per device in the compiled step with and without a mesh.
+* `spread`: factorizations per device of the engine's batched refresh with and without a
+  mesh (the `methods` section also counts them in every method's compiled step).
 * `state`: KFAC with its state sharded by `soo.state_shardings` against replicated state.
 * `orbax`: save a sharded state with orbax-checkpoint, restore it onto 4 devices and onto
   the same 8, resume.
@@ -58,7 +59,7 @@ METHODS = {
     "mbf": dict(learning_rate=0.1, damping=1e-2, inverse_every=3),
     "seng": dict(learning_rate=0.1, damping=1e-1, batch_size=BATCH, inverse_every=3),
     # eps 1e-3: at 1e-8 Adam's division in the eigenbasis amplifies the reduction-order
-    # differences of near-zero second moments (7% after 10 steps).
+    # differences of near-zero second moments (docs/scale_out.md).
     "soap": dict(learning_rate=3e-3, damping=1e-3, inverse_every=3),
 }
 # Fisher of the capture per method: sampled where the method reads sampled targets.
