@@ -12,7 +12,8 @@ round-robin by layer; sharding the stack does it per block.
 
 Without an ambient mesh, on a one-device mesh, for a stack of one block, or inside a
 `shard_map` that already made every axis manual, `map_stack(fn, stack)` is just
-`fn(stack)`.
+`fn(stack)`. Under an ambient mesh the step's arrays must live on that mesh (as in data
+parallel training: `jax.device_put` them with the mesh's `NamedSharding`s).
 """
 
 from __future__ import annotations
