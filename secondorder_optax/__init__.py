@@ -24,6 +24,7 @@ from secondorder_optax._src.seng_factors import (ExplicitFactors, OuterProductFa
                                                 SengLayerState, SengPlan)
 from secondorder_optax._src.soap import SoapPreconditioner, scale_by_soap, soap
 from secondorder_optax._src.shampoo import GraftState, scale_by_shampoo, shampoo
+from secondorder_optax._src.state_sharding import state_sharding_path, state_shardings
 from secondorder_optax._src.tnt import scale_by_tnt, tnt
 
 __version__ = "0.2.0"
@@ -67,6 +68,8 @@ __all__ = [
     "seng",
     "shampoo",
     "soap",
+    "state_sharding_path",
+    "state_shardings",
     "tekfac",
     "tkfac",
     "tnt",

@@ -274,3 +274,11 @@ def test_merge_joins_separate_runs(tmp_path):
                 str(tmp_path / "c")])
   with pytest.raises(ValueError, match="epochs"):
     compare.merge_results([str(tmp_path / "a"), str(tmp_path / "c")], str(tmp_path / "x"))
+
+
+def test_data_parallel_example_runs_on_synthetic_data(capsys):
+  from experiments import data_parallel  # pylint: disable=g-import-not-at-top
+  data_parallel.main(data_parallel.parse_args(
+      ["--steps", "2", "--batch-size", "16", "--shard-state", "--log-every", "1"]))
+  out = capsys.readouterr().out
+  assert "step     2  loss" in out and "test accuracy" in out, out

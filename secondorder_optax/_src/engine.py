@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from secondorder_optax._src import linalg
+from secondorder_optax._src import linalg, spread
 from secondorder_optax._src.base import (ScalarOrSchedule, all_finite, hyperparameter_value,
                                          running_average, select_tree)
 
@@ -270,6 +270,8 @@ def solve_blocks(solve: Callable[[Any], Any], blocks: Dict[Hashable, Any]) -> Di
   Plain blocks of one shape are stacked; `Stacked` blocks are concatenated with the others
   of their block shape. The calls of different shapes run one after another
   (`linalg.after`): concurrent batched LAPACK calls can deadlock a small XLA:CPU pool.
+  Under an ambient mesh (`jax.set_mesh`) each call is split over the devices along the stack
+  axis (`spread.map_stack`).
   """
   stacks = {key: (b.blocks if isinstance(b, Stacked) else jax.tree.map(lambda x: x[None], b))
             for key, b in blocks.items()}
@@ -281,7 +283,7 @@ def solve_blocks(solve: Callable[[Any], Any], blocks: Dict[Hashable, Any]) -> Di
   for keys in groups.values():
     sizes = [jax.tree.leaves(stacks[k])[0].shape[0] for k in keys]
     joined = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[stacks[k] for k in keys])
-    previous = batched(linalg.after(joined, previous))
+    previous = spread.map_stack(batched, linalg.after(joined, previous))
     start = 0
     for key, size in zip(keys, sizes):
       part = jax.tree.map(lambda x, a=start, b=start + size: x[a:b], previous)
