@@ -1,0 +1,246 @@
+"""K-BFGS(L): exact checks against dense float64 computations, errors, and the optax contract.
+
+The reference follows the paper's algorithm box in numpy: the running average of the input
+factor, its exact damped inverse at refreshes and BFGS (Hessian-action) updates in between;
+secant pairs of mean pre-activations and mean output gradients at the previous and the
+current parameters on the same minibatch, double damped against the dense BFGS matrix of
+the stored pairs; the direction `H_a ∇W̄ H_g` with `H_g` formed densely.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import secondorder_optax as soo
+from secondorder_optax._src import quasi_newton as qn
+from tests import contract, models
+
+RNG = np.random.default_rng(0)
+
+
+# ---------------------------------------------------------------------------------------
+# Dense references.
+
+
+def dense_bfgs(h, s, y):
+  rho = 1.0 / (s @ y)
+  v = np.eye(len(s)) - rho * np.outer(s, y)
+  return v @ h @ v.T + rho * np.outer(s, s)
+
+
+def dense_lbfgs(pairs, h0, dim):
+  """BFGS updates of `h0 I` by `pairs`, oldest first."""
+  h = h0 * np.eye(dim)
+  for s, y in pairs:
+    h = dense_bfgs(h, s, y)
+  return h
+
+
+def dense_double_damping(s, y, h, mu2, mu1=0.2):
+  hy = h @ y
+  sy, yhy = s @ y, y @ hy
+  theta = (1 - mu1) * yhy / (yhy - sy) if sy < mu1 * yhy else 1.0
+  s = theta * s + (1 - theta) * hy
+  return s, y + mu2 * s
+
+
+def ring_pairs(preconditioner):
+  """The filled pairs of a ring, oldest first, as float64 numpy."""
+  memory = preconditioner.filled.shape[0]
+  order = np.asarray(qn.newest_first(preconditioner.next_slot, memory))[::-1]
+  return [(np.asarray(preconditioner.pairs.s[i], np.float64),
+           np.asarray(preconditioner.pairs.y[i], np.float64))
+          for i in order if bool(preconditioner.filled[i])]
+
+
+# ---------------------------------------------------------------------------------------
+# quasi_newton.py
+
+
+def test_bfgs_update_two_loop_ring_and_double_damping_are_dense():
+  dim, memory = 5, 3
+  h = np.linalg.inv(np.cov(RNG.normal(size=(dim, 20))) + np.eye(dim))
+  s, y = RNG.normal(size=dim), RNG.normal(size=dim)
+  y = y if s @ y > 0 else -y
+  np.testing.assert_allclose(qn.bfgs_inverse_update(jnp.asarray(h, jnp.float32), s, y),
+                             dense_bfgs(h, s, y), rtol=1e-4, atol=1e-5)
+  # sᵀy ≤ 0 leaves H as it is.
+  np.testing.assert_array_equal(qn.bfgs_inverse_update(jnp.asarray(h, jnp.float32), s, -y),
+                                np.asarray(h, np.float32))
+
+  # Five pushes into a ring of three, the third rejected: the ring wraps around and holds
+  # the last three accepted pairs; the two-loop equals their dense BFGS matrix.
+  ring = (jnp.zeros((memory, dim)), jnp.zeros((memory, dim)), jnp.zeros((memory,), bool),
+          jnp.zeros((), jnp.int32))
+  h0, accepted = 0.7, []
+  vectors = RNG.normal(size=(4, dim))
+  for k in range(5):
+    current = dense_lbfgs(accepted[-memory:], h0, dim)
+    np.testing.assert_allclose(
+        qn.two_loop(*ring, jnp.asarray(h0), jnp.asarray(vectors, jnp.float32)),
+        vectors @ current, rtol=1e-4, atol=1e-5)
+    s, y = RNG.normal(size=dim), RNG.normal(size=dim)
+    hy = np.asarray(qn.two_loop(*ring, jnp.asarray(h0), jnp.asarray(y, jnp.float32)))
+    np.testing.assert_allclose(hy, current @ y, rtol=1e-4, atol=1e-5)
+    ds, dy = qn.double_damping(jnp.asarray(s), jnp.asarray(y), jnp.asarray(hy),
+                               jnp.asarray(0.3))
+    ref_s, ref_y = dense_double_damping(s, y, current, 0.3)
+    np.testing.assert_allclose(ds, ref_s, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dy, ref_y, rtol=1e-4, atol=1e-5)
+    assert float(ds @ dy) >= 0.2 * float(y @ hy) + 0.3 * float(ds @ ds) - 1e-4
+    accept = k != 2
+    ring = qn.push_pair(*ring, ds, dy, jnp.asarray(accept))
+    if accept:
+      accepted.append((np.asarray(ds, np.float64), np.asarray(dy, np.float64)))
+  assert int(ring[3]) == 1 and bool(jnp.all(ring[2]))
+
+
+# ---------------------------------------------------------------------------------------
+# The method against the paper's algorithm box, in float64.
+
+DAMPING, DECAY, MEMORY, INVERSE_EVERY, STEPS, LR = 0.5, 0.7, 3, 3, 6, 0.3
+
+
+def matrix(layer_params, has_bias):
+  w = np.asarray(layer_params["kernel"], np.float64)
+  if has_bias:
+    w = np.concatenate([w, np.asarray(layer_params["bias"], np.float64)[None]], 0)
+  return w
+
+
+def homogeneous(stats):
+  a = np.asarray(stats.inputs, np.float64)
+  return np.concatenate([a, np.ones((a.shape[0], 1))], 1) if stats.has_bias else a
+
+
+class Reference:
+  """One layer of K-BFGS(L) from the formulas."""
+
+  def __init__(self):
+    self.factor = self.scale = None
+    self.inverse, self.pairs = None, []
+
+  def step(self, k, stats, previous_stats, weights, previous_weights, grad):
+    a, g = homogeneous(stats), np.asarray(stats.output_grads, np.float64)
+    batch_factor, batch_scale = a.T @ a / len(a), np.mean(np.square(g))
+    first = self.factor is None
+    self.factor = batch_factor if first else DECAY * self.factor + (1 - DECAY) * batch_factor
+    self.scale = batch_scale if first else DECAY * self.scale + (1 - DECAY) * batch_scale
+    gamma = np.sqrt(1 + DAMPING) - 1
+    damped = self.factor + gamma * np.trace(self.factor) / len(self.factor) * np.eye(
+        len(self.factor))
+    if k % INVERSE_EVERY == 0:
+      self.inverse = np.linalg.inv(damped)
+      exact = self.inverse
+    else:
+      exact = None
+    s_a = self.inverse @ a.mean(0)
+    self.inverse = dense_bfgs(self.inverse, s_a, damped @ s_a)
+    mu2, h0 = gamma * self.scale, 1 / ((1 + gamma) * self.scale)
+    if k > 0:
+      a_prev = homogeneous(previous_stats)
+      s = a.mean(0) @ weights - a_prev.mean(0) @ previous_weights
+      y = g.mean(0) - np.asarray(previous_stats.output_grads, np.float64).mean(0)
+      s, y = dense_double_damping(s, y, dense_lbfgs(self.pairs, h0, len(s)), mu2)
+      self.pairs = (self.pairs + [(s, y)])[-MEMORY:]
+    direction = self.inverse @ grad @ dense_lbfgs(self.pairs, h0, grad.shape[1])
+    return direction, exact
+
+
+def test_direction_inverses_and_pairs_equal_dense_algorithm():
+  model, params, _, _, family = models.mlp_problem(batch=12, seed=1)
+  curv_fn = soo.linen_curvature(model, family, fisher="empirical")
+  tx = soo.scale_by_kbfgs(damping=DAMPING, stats_decay=DECAY, inverse_every=INVERSE_EVERY,
+                          memory=MEMORY)
+
+  @jax.jit
+  def step(params, state, x, y):
+    loss, grads, curvature = curv_fn(params, x, y, None)
+    direction, state = tx.update(grads, state, params, curvature=curvature,
+                                 curvature_fn=lambda p: curv_fn(p, x, y, None))
+    return direction, state, grads
+
+  capture = jax.jit(lambda p, x, y: curv_fn(p, x, y, None)[2].layers)
+  state, previous = tx.init(params), params
+  references = {}
+  for k in range(STEPS):
+    kx, ky = jax.random.split(jax.random.key(10 + k))
+    x = jax.random.normal(kx, (12, 4))
+    y = jax.random.randint(ky, (12,), 0, 3)
+    direction, state, grads = step(params, state, x, y)
+    layers, previous_layers = capture(params, x, y), capture(previous, x, y)
+    for name in ("Dense_0", "Dense_1", "Dense_2"):
+      stats = layers[(name,)]
+      has_bias = stats.has_bias
+      ref_direction, exact = references.setdefault(name, Reference()).step(
+          k, stats, previous_layers[(name,)], matrix(params[name], has_bias),
+          matrix(previous[name], has_bias), matrix(grads[name], has_bias))
+      np.testing.assert_allclose(matrix(direction[name], has_bias), ref_direction,
+                                 rtol=2e-4, atol=2e-5)
+      held = state.inner.preconditioner[name]
+      np.testing.assert_allclose(held.input_inverse, references[name].inverse, rtol=2e-4,
+                                 atol=2e-5)
+      if exact is not None:  # a refresh: the exact damped inverse (BFGS keeps it)
+        np.testing.assert_allclose(held.input_inverse, exact, rtol=2e-4, atol=2e-5)
+      pairs = ring_pairs(held)
+      assert len(pairs) == min(k, MEMORY)
+      for (s, y), (ref_s, ref_y) in zip(pairs, references[name].pairs):
+        np.testing.assert_allclose(s, ref_s, rtol=2e-4, atol=2e-6)
+        np.testing.assert_allclose(y, ref_y, rtol=2e-4, atol=2e-6)
+    previous = params
+    params = jax.tree.map(lambda p, d: p - LR * d, params, direction)
+  assert int(state.count) == STEPS and int(state.inner.failures) == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Errors and describe.
+
+
+def test_errors_and_describe():
+  model, params, x, y, family = models.mlp_problem(batch=8)
+  empirical = soo.linen_curvature(model, family, fisher="empirical")
+  sampled = soo.linen_curvature(model, family)
+  tx = soo.scale_by_kbfgs(memory=2)
+  state = tx.init(params)
+  _, grads, curvature = empirical(params, x, y, None)
+  second = lambda p: empirical(p, x, y, None)
+  with pytest.raises(ValueError, match="curvature_fn"):
+    tx.update(grads, state, params, curvature=curvature)
+  with pytest.raises(ValueError, match="curvature_fn must return"):
+    tx.update(grads, state, params, curvature=curvature, curvature_fn=lambda p: 1.0)
+  with pytest.raises(ValueError, match="params="):
+    tx.update(grads, state, curvature=curvature, curvature_fn=second)
+  with pytest.raises(ValueError, match="fisher='empirical'"):
+    tx.update(grads, state, params, curvature=sampled(params, x, y, jax.random.key(0))[2],
+              curvature_fn=second)
+  with pytest.raises(ValueError, match="memory"):
+    soo.kbfgs(memory=0)
+  with pytest.raises(ValueError, match="damping"):
+    soo.scale_by_kbfgs(damping=-1.0)
+  rules = soo.describe(soo.kbfgs(memory=2), {"dense": params["Dense_0"],
+                                             "scale": jnp.ones(3)}, print_fn=None)
+  assert "K-BFGS(L)" in rules["dense/kernel"] and "adam" in rules["scale"]
+
+
+# ---------------------------------------------------------------------------------------
+# optax contract (empirical capture, second pass). The first check runs `soo.kbfgs()` at
+# its defaults (memory 100): the small-problem convergence test at defaults.
+
+CONTRACT = dict(capture_fisher="empirical", second_pass=True)
+
+
+def test_contract_jit_convergence_at_defaults():
+  losses = contract.check_jit_convergence(soo.kbfgs, **CONTRACT)
+  assert losses[-1] < 0.1 * losses[0]
+
+
+def test_contract_chain_inject_multisteps_nonfinite_bf16_missing():
+  hparams = dict(memory=4, **CONTRACT)
+  contract.check_chain_and_inject(soo.scale_by_kbfgs, soo.kbfgs, learning_rate=0.1,
+                                  damping=1.0, **hparams)
+  contract.check_multisteps_and_nonfinite(soo.kbfgs, **hparams)
+  contract.check_bf16(soo.kbfgs, **hparams)
+  contract.check_missing_curvature(soo.kbfgs, "kbfgs", **hparams)
