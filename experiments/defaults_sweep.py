@@ -67,7 +67,7 @@ def default_method(name: str) -> methods_lib.Method:
     return method
   return methods_lib.Method(name=name, factory=method.factory, learning_rate=None,
                             hparams={}, fisher=method.fisher,
-                            reference="library defaults")
+                            second_pass=method.second_pass, reference="library defaults")
 
 
 def load_task(name: str, data_dir: Optional[str]):

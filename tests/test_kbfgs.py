@@ -49,11 +49,15 @@ def dense_double_damping(s, y, h, mu2, mu1=0.2):
 
 def ring_pairs(preconditioner):
   """The filled pairs of a ring, oldest first, as float64 numpy."""
-  memory = preconditioner.filled.shape[0]
-  order = np.asarray(qn.newest_first(preconditioner.next_slot, memory))[::-1]
-  return [(np.asarray(preconditioner.pairs.s[i], np.float64),
-           np.asarray(preconditioner.pairs.y[i], np.float64))
-          for i in order if bool(preconditioner.filled[i])]
+  s, y = (np.asarray(v, np.float64) for v in preconditioner.pairs)
+  filled, memory = np.asarray(preconditioner.filled), len(s)
+  oldest_first = (int(preconditioner.next_slot) + np.arange(memory)) % memory
+  return [(s[i], y[i]) for i in oldest_first if filled[i]]
+
+
+def problem():
+  """The contract's tiny MLP (the same shapes, so eager work is shared with it)."""
+  return models.mlp_problem(batch=32, d_in=4, classes=3, seed=3)
 
 
 # ---------------------------------------------------------------------------------------
@@ -65,35 +69,38 @@ def test_bfgs_update_two_loop_ring_and_double_damping_are_dense():
   h = np.linalg.inv(np.cov(RNG.normal(size=(dim, 20))) + np.eye(dim))
   s, y = RNG.normal(size=dim), RNG.normal(size=dim)
   y = y if s @ y > 0 else -y
-  np.testing.assert_allclose(qn.bfgs_inverse_update(jnp.asarray(h, jnp.float32), s, y),
-                             dense_bfgs(h, s, y), rtol=1e-4, atol=1e-5)
+  update = jax.jit(qn.bfgs_inverse_update)
+  np.testing.assert_allclose(update(jnp.asarray(h, jnp.float32), s, y), dense_bfgs(h, s, y),
+                             rtol=1e-4, atol=1e-5)
   # sᵀy ≤ 0 leaves H as it is.
-  np.testing.assert_array_equal(qn.bfgs_inverse_update(jnp.asarray(h, jnp.float32), s, -y),
+  np.testing.assert_array_equal(update(jnp.asarray(h, jnp.float32), s, -y),
                                 np.asarray(h, np.float32))
 
   # Five pushes into a ring of three, the third rejected: the ring wraps around and holds
   # the last three accepted pairs; the two-loop equals their dense BFGS matrix.
+  @jax.jit
+  def push(ring, vectors, s, y, accept):
+    h0 = jnp.asarray(0.7)
+    hv, hy = qn.two_loop(*ring, h0, vectors), qn.two_loop(*ring, h0, y)
+    damped = qn.double_damping(s, y, hy, jnp.asarray(0.3))
+    return hv, hy, damped, qn.push_pair(*ring, *damped, accept)
+
   ring = (jnp.zeros((memory, dim)), jnp.zeros((memory, dim)), jnp.zeros((memory,), bool),
           jnp.zeros((), jnp.int32))
-  h0, accepted = 0.7, []
-  vectors = RNG.normal(size=(4, dim))
+  accepted = []
   for k in range(5):
-    current = dense_lbfgs(accepted[-memory:], h0, dim)
-    np.testing.assert_allclose(
-        qn.two_loop(*ring, jnp.asarray(h0), jnp.asarray(vectors, jnp.float32)),
-        vectors @ current, rtol=1e-4, atol=1e-5)
-    s, y = RNG.normal(size=dim), RNG.normal(size=dim)
-    hy = np.asarray(qn.two_loop(*ring, jnp.asarray(h0), jnp.asarray(y, jnp.float32)))
+    current = dense_lbfgs(accepted[-memory:], 0.7, dim)
+    vectors, s, y = RNG.normal(size=(4, dim)), RNG.normal(size=dim), RNG.normal(size=dim)
+    hv, hy, (ds, dy), ring = push(ring, jnp.asarray(vectors, jnp.float32),
+                                  jnp.asarray(s, jnp.float32), jnp.asarray(y, jnp.float32),
+                                  jnp.asarray(k != 2))
+    np.testing.assert_allclose(hv, vectors @ current, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(hy, current @ y, rtol=1e-4, atol=1e-5)
-    ds, dy = qn.double_damping(jnp.asarray(s), jnp.asarray(y), jnp.asarray(hy),
-                               jnp.asarray(0.3))
     ref_s, ref_y = dense_double_damping(s, y, current, 0.3)
     np.testing.assert_allclose(ds, ref_s, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dy, ref_y, rtol=1e-4, atol=1e-5)
     assert float(ds @ dy) >= 0.2 * float(y @ hy) + 0.3 * float(ds @ ds) - 1e-4
-    accept = k != 2
-    ring = qn.push_pair(*ring, ds, dy, jnp.asarray(accept))
-    if accept:
+    if k != 2:
       accepted.append((np.asarray(ds, np.float64), np.asarray(dy, np.float64)))
   assert int(ring[3]) == 1 and bool(jnp.all(ring[2]))
 
@@ -151,27 +158,27 @@ class Reference:
 
 
 def test_direction_inverses_and_pairs_equal_dense_algorithm():
-  model, params, _, _, family = models.mlp_problem(batch=12, seed=1)
+  model, params, x0, _, family = problem()
   curv_fn = soo.linen_curvature(model, family, fisher="empirical")
   tx = soo.scale_by_kbfgs(damping=DAMPING, stats_decay=DECAY, inverse_every=INVERSE_EVERY,
                           memory=MEMORY)
 
   @jax.jit
-  def step(params, state, x, y):
+  def step(params, previous, state, x, y):
     loss, grads, curvature = curv_fn(params, x, y, None)
     direction, state = tx.update(grads, state, params, curvature=curvature,
                                  curvature_fn=lambda p: curv_fn(p, x, y, None))
-    return direction, state, grads
+    layers, previous_layers = curvature.layers, curv_fn(previous, x, y, None)[2].layers
+    new_params = jax.tree.map(lambda p, d: p - LR * d, params, direction)
+    return new_params, direction, state, grads, layers, previous_layers
 
-  capture = jax.jit(lambda p, x, y: curv_fn(p, x, y, None)[2].layers)
   state, previous = tx.init(params), params
   references = {}
   for k in range(STEPS):
-    kx, ky = jax.random.split(jax.random.key(10 + k))
-    x = jax.random.normal(kx, (12, 4))
-    y = jax.random.randint(ky, (12,), 0, 3)
-    direction, state, grads = step(params, state, x, y)
-    layers, previous_layers = capture(params, x, y), capture(previous, x, y)
+    x = RNG.normal(size=x0.shape).astype(np.float32)
+    y = RNG.integers(0, 3, size=x0.shape[0]).astype(np.int32)
+    new_params, direction, state, grads, layers, previous_layers = step(
+        params, previous, state, x, y)
     for name in ("Dense_0", "Dense_1", "Dense_2"):
       stats = layers[(name,)]
       has_bias = stats.has_bias
@@ -190,8 +197,7 @@ def test_direction_inverses_and_pairs_equal_dense_algorithm():
       for (s, y), (ref_s, ref_y) in zip(pairs, references[name].pairs):
         np.testing.assert_allclose(s, ref_s, rtol=2e-4, atol=2e-6)
         np.testing.assert_allclose(y, ref_y, rtol=2e-4, atol=2e-6)
-    previous = params
-    params = jax.tree.map(lambda p, d: p - LR * d, params, direction)
+    previous, params = params, new_params
   assert int(state.count) == STEPS and int(state.inner.failures) == 0
 
 
@@ -200,12 +206,12 @@ def test_direction_inverses_and_pairs_equal_dense_algorithm():
 
 
 def test_errors_and_describe():
-  model, params, x, y, family = models.mlp_problem(batch=8)
-  empirical = soo.linen_curvature(model, family, fisher="empirical")
-  sampled = soo.linen_curvature(model, family)
+  model, params, x, y, family = problem()
+  empirical = jax.jit(soo.linen_curvature(model, family, fisher="empirical"))
   tx = soo.scale_by_kbfgs(memory=2)
   state = tx.init(params)
   _, grads, curvature = empirical(params, x, y, None)
+  sampled = soo.Curvature(curvature.layers, curvature.fisher_grads, fisher="sampled")
   second = lambda p: empirical(p, x, y, None)
   with pytest.raises(ValueError, match="curvature_fn"):
     tx.update(grads, state, params, curvature=curvature)
@@ -214,8 +220,7 @@ def test_errors_and_describe():
   with pytest.raises(ValueError, match="params="):
     tx.update(grads, state, curvature=curvature, curvature_fn=second)
   with pytest.raises(ValueError, match="fisher='empirical'"):
-    tx.update(grads, state, params, curvature=sampled(params, x, y, jax.random.key(0))[2],
-              curvature_fn=second)
+    tx.update(grads, state, params, curvature=sampled, curvature_fn=second)
   with pytest.raises(ValueError, match="memory"):
     soo.kbfgs(memory=0)
   with pytest.raises(ValueError, match="damping"):

@@ -6,7 +6,8 @@ Dense and testable on their own:
   `(s, y)`, `H⁺ = (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ`, `ρ = 1 / sᵀy`;
 * `two_loop`: the L-BFGS two-loop recursion `H v` over a fixed-size ring of secant pairs
   (unfilled slots are masked out), i.e. the BFGS updates of `H₀ = h₀ I` by the stored pairs,
-  oldest first, applied to `v` without forming `H`;
+  oldest first, applied to `v` without forming `H` (its two loops solved as triangular
+  systems with matrix products: no sequential loop to compile or run);
 * `double_damping`: the paper's double damping of a pair, Powell's damping on `H`
   (`s̃ = θ s + (1 − θ) H y` so that `s̃ᵀy ≥ μ₁ yᵀHy`) followed by Levenberg–Marquardt
   damping on `B = H⁻¹` (`ỹ = y + μ₂ s̃`, so that the pairs describe `B + μ₂ I`);
@@ -19,7 +20,6 @@ from typing import Tuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from secondorder_optax._src import linalg
 
@@ -61,10 +61,29 @@ def newest_first(next_slot: Array, memory: int) -> Array:
   return (next_slot - 1 - jnp.arange(memory)) % memory
 
 
+def _unit_triangular_inverse(strict: Array) -> Array:
+  """`(I + T)⁻¹` for a strictly triangular `T` (`m × m`): `T` is nilpotent, so the inverse
+  is `Σ_{k<m} (−T)^k = Π_j (I + (−T)^{2^j})`, `⌈log₂ m⌉` factors, matrix products only."""
+  size = strict.shape[-1]
+  power = -strict
+  inverse = jnp.eye(size, dtype=strict.dtype) + power
+  for _ in range(max(size - 1, 1).bit_length() - 1):
+    power = linalg.matmul(power, power)
+    inverse = inverse + linalg.matmul(inverse, power)
+  return inverse
+
+
 def two_loop(s: Array, y: Array, filled: Array, next_slot: Array, initial_scale: Array,
              vectors: Array) -> Array:
   """`H v` for every row `v` of `vectors` (`(..., d)`), with `H` the BFGS updates of
   `initial_scale · I` by the filled pairs of the ring `s, y` (`(memory, d)`), oldest first.
+
+  The two loops of the L-BFGS recursion (Nocedal & Wright, Algorithm 7.4), newest pair to
+  oldest, `α_i = ρ_i s_iᵀ q`, `q ← q − α_i y_i`, then `r = h₀ q` and oldest to newest
+  `β_i = ρ_i y_iᵀ r`, `r ← r + (α_i − β_i) s_i`, are two unit-triangular systems in the
+  `memory` coefficients `α` and `α − β`; they are solved here with matrix products (an
+  exact nilpotent series), for all rows at once. Unfilled slots (and pairs with
+  `sᵀy ≤ 0`) get `ρ = 0` and drop out.
 
   Example:
     >>> import jax.numpy as jnp
@@ -73,27 +92,23 @@ def two_loop(s: Array, y: Array, filled: Array, next_slot: Array, initial_scale:
     >>> two_loop(s, y, filled, jnp.array(1), jnp.array(1.0), jnp.array([4.0, 1.0]))
     Array([1., 1.], dtype=float32)
   """
-  order = newest_first(next_slot, s.shape[0])
-  s, y, filled = s[order], y[order], filled[order]
+  dtype = vectors.dtype
+  order = newest_first(next_slot, s.shape[0])  # index 0: the newest pair
+  s, y, filled = s[order].astype(dtype), y[order].astype(dtype), filled[order]
   sy = _dot(s, y)
   usable = filled & (sy > 0)
-  rho = jnp.where(usable, 1.0 / jnp.where(usable, sy, 1.0), 0.0).astype(vectors.dtype)
-
-  def newest_to_oldest(q, pair):
-    s_i, y_i, rho_i = pair
-    alpha = rho_i * _dot(q, s_i)
-    return q - alpha[..., None] * y_i, alpha
-
-  q, alphas = lax.scan(newest_to_oldest, vectors, (s, y, rho))
-  r = initial_scale.astype(vectors.dtype) * q
-
-  def oldest_to_newest(r, pair):
-    s_i, y_i, rho_i, alpha = pair
-    beta = rho_i * _dot(r, y_i)
-    return r + (alpha - beta)[..., None] * s_i, None
-
-  r, _ = lax.scan(oldest_to_newest, r, (s, y, rho, alphas), reverse=True)
-  return r
+  rho = jnp.where(usable, 1.0 / jnp.where(usable, sy, 1.0), 0.0).astype(dtype)
+  shape = vectors.shape
+  v = vectors.reshape((-1, shape[-1]))
+  s_dot_y = linalg.matmul(s, y.T)  # [i, j] = s_iᵀ y_j
+  # First loop: α_i = ρ_i (s_iᵀ v − Σ_{j newer} α_j s_iᵀ y_j).
+  first = _unit_triangular_inverse(rho[:, None] * jnp.tril(s_dot_y, -1))
+  alpha = linalg.matmul(rho * linalg.matmul(v, s.T), first.T)
+  r = initial_scale.astype(dtype) * (v - linalg.matmul(alpha, y))
+  # Second loop: c_i = α_i − ρ_i y_iᵀ (r + Σ_{j older} c_j s_j).
+  second = _unit_triangular_inverse(rho[:, None] * jnp.triu(s_dot_y.T, 1))
+  c = linalg.matmul(alpha - rho * linalg.matmul(r, y.T), second.T)
+  return (r + linalg.matmul(c, s)).reshape(shape)
 
 
 def double_damping(s: Array, y: Array, hy: Array, lm_damping: Array,
