@@ -6,8 +6,8 @@ Dense and testable on their own:
   `(s, y)`, `H⁺ = (I − ρ s yᵀ) H (I − ρ y sᵀ) + ρ s sᵀ`, `ρ = 1 / sᵀy`;
 * `two_loop`: the L-BFGS two-loop recursion `H v` over a fixed-size ring of secant pairs
   (unfilled slots are masked out), i.e. the BFGS updates of `H₀ = h₀ I` by the stored pairs,
-  oldest first, applied to `v` without forming `H` (its two loops solved as triangular
-  systems with matrix products: no sequential loop to compile or run);
+  oldest first, applied to `v` without forming `H` (its two loops solved as two triangular
+  systems in the pairs' coefficients);
 * `double_damping`: the paper's double damping of a pair, Powell's damping on `H`
   (`s̃ = θ s + (1 − θ) H y` so that `s̃ᵀy ≥ μ₁ yᵀHy`) followed by Levenberg–Marquardt
   damping on `B = H⁻¹` (`ỹ = y + μ₂ s̃`, so that the pairs describe `B + μ₂ I`);
@@ -20,6 +20,7 @@ from typing import Tuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from secondorder_optax._src import linalg
 
@@ -61,16 +62,16 @@ def newest_first(next_slot: Array, memory: int) -> Array:
   return (next_slot - 1 - jnp.arange(memory)) % memory
 
 
-def _unit_triangular_inverse(strict: Array) -> Array:
-  """`(I + T)⁻¹` for a strictly triangular `T` (`m × m`): `T` is nilpotent, so the inverse
-  is `Σ_{k<m} (−T)^k = Π_j (I + (−T)^{2^j})`, `⌈log₂ m⌉` factors, matrix products only."""
-  size = strict.shape[-1]
-  power = -strict
-  inverse = jnp.eye(size, dtype=strict.dtype) + power
-  for _ in range(max(size - 1, 1).bit_length() - 1):
-    power = linalg.matmul(power, power)
-    inverse = inverse + linalg.matmul(inverse, power)
-  return inverse
+def _substitution(strict: Array, rhs: Array, lower: bool) -> Array:
+  """`x` with `(I + T) x = rhs` for a strictly lower (`lower`) or upper triangular `T`
+  (`m × m`) and `rhs` `(m, n)`: forward (back) substitution, one row of `x` at a time."""
+
+  def row(x, i):
+    return x.at[i].set(rhs[i] - linalg.matmul(strict[i], x)), None
+
+  order = jnp.arange(strict.shape[0])
+  x, _ = lax.scan(row, jnp.zeros_like(rhs), order if lower else order[::-1])
+  return x
 
 
 def two_loop(s: Array, y: Array, filled: Array, next_slot: Array, initial_scale: Array,
@@ -81,9 +82,10 @@ def two_loop(s: Array, y: Array, filled: Array, next_slot: Array, initial_scale:
   The two loops of the L-BFGS recursion (Nocedal & Wright, Algorithm 7.4), newest pair to
   oldest, `α_i = ρ_i s_iᵀ q`, `q ← q − α_i y_i`, then `r = h₀ q` and oldest to newest
   `β_i = ρ_i y_iᵀ r`, `r ← r + (α_i − β_i) s_i`, are two unit-triangular systems in the
-  `memory` coefficients `α` and `α − β`; they are solved here with matrix products (an
-  exact nilpotent series), for all rows at once. Unfilled slots (and pairs with
-  `sᵀy ≤ 0`) get `ρ = 0` and drop out.
+  `memory` coefficients `α` and `α − β`; they are solved here by substitution over the
+  `memory` coefficients, with the products involving `v` done as matrix products for all
+  rows at once (no sequential pass over the vectors: fast on wide layers). Unfilled slots
+  (and pairs with `sᵀy ≤ 0`) get `ρ = 0` and drop out.
 
   Example:
     >>> import jax.numpy as jnp
@@ -100,15 +102,16 @@ def two_loop(s: Array, y: Array, filled: Array, next_slot: Array, initial_scale:
   rho = jnp.where(usable, 1.0 / jnp.where(usable, sy, 1.0), 0.0).astype(dtype)
   shape = vectors.shape
   v = vectors.reshape((-1, shape[-1]))
-  s_dot_y = linalg.matmul(s, y.T)  # [i, j] = s_iᵀ y_j
-  # First loop: α_i = ρ_i (s_iᵀ v − Σ_{j newer} α_j s_iᵀ y_j).
-  first = _unit_triangular_inverse(rho[:, None] * jnp.tril(s_dot_y, -1))
-  alpha = linalg.matmul(rho * linalg.matmul(v, s.T), first.T)
-  r = initial_scale.astype(dtype) * (v - linalg.matmul(alpha, y))
-  # Second loop: c_i = α_i − ρ_i y_iᵀ (r + Σ_{j older} c_j s_j).
-  second = _unit_triangular_inverse(rho[:, None] * jnp.triu(s_dot_y.T, 1))
-  c = linalg.matmul(alpha - rho * linalg.matmul(r, y.T), second.T)
-  return (r + linalg.matmul(c, s)).reshape(shape)
+  s_dot_y = rho[:, None] * linalg.matmul(s, y.T)  # [i, j] = ρ_i s_iᵀ y_j
+  # First loop: α_i = ρ_i s_iᵀ v − Σ_{j newer} ρ_i s_iᵀ y_j α_j.
+  alpha = _substitution(jnp.tril(s_dot_y, -1), rho[:, None] * linalg.matmul(s, v.T),
+                        lower=True)
+  r = initial_scale.astype(dtype) * (v - linalg.matmul(alpha.T, y))
+  # Second loop: c_i = α_i − ρ_i y_iᵀ r − Σ_{j older} ρ_i y_iᵀ s_j c_j.
+  y_dot_s = rho[:, None] * linalg.matmul(y, s.T)
+  c = _substitution(jnp.triu(y_dot_s, 1), alpha - rho[:, None] * linalg.matmul(y, r.T),
+                    lower=False)
+  return (r + linalg.matmul(c.T, s)).reshape(shape)
 
 
 def double_damping(s: Array, y: Array, hy: Array, lm_damping: Array,
