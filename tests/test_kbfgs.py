@@ -4,7 +4,8 @@ The reference follows the paper's algorithm box in numpy: the running average of
 factor, its exact damped inverse at refreshes and BFGS (Hessian-action) updates in between;
 secant pairs of mean pre-activations and mean output gradients at the previous and the
 current parameters on the same minibatch, double damped against the dense BFGS matrix of
-the stored pairs; the direction `H_a ∇W̄ H_g` with `H_g` formed densely.
+the stored pairs (from `H₀ = (sᵀy / yᵀy) I` of the newest pair); the direction
+`H_a ∇W̄ H_g` with `H_g` formed densely.
 """
 
 import flax.linen as nn
@@ -146,14 +147,21 @@ class Reference:
       exact = None
     s_a = self.inverse @ a.mean(0)
     self.inverse = dense_bfgs(self.inverse, s_a, damped @ s_a)
-    mu2, h0 = gamma * self.scale, 1 / ((1 + gamma) * self.scale)
+    mu2 = gamma * self.scale
+    # H₀ = (sᵀy / yᵀy) I of the newest pair; 1/((1 + γ) m_G) before the first.
+    def h0():
+      if not self.pairs:
+        return 1 / ((1 + gamma) * self.scale)
+      s, y = self.pairs[-1]
+      return (s @ y) / (y @ y)
+
     if k > 0:
       a_prev = homogeneous(previous_stats)
       s = a.mean(0) @ weights - a_prev.mean(0) @ previous_weights
       y = g.mean(0) - np.asarray(previous_stats.output_grads, np.float64).mean(0)
-      s, y = dense_double_damping(s, y, dense_lbfgs(self.pairs, h0, len(s)), mu2)
+      s, y = dense_double_damping(s, y, dense_lbfgs(self.pairs, h0(), len(s)), mu2)
       self.pairs = (self.pairs + [(s, y)])[-MEMORY:]
-    direction = self.inverse @ grad @ dense_lbfgs(self.pairs, h0, grad.shape[1])
+    direction = self.inverse @ grad @ dense_lbfgs(self.pairs, h0(), grad.shape[1])
     return direction, exact
 
 

@@ -13,7 +13,8 @@ Each captured layer, in its matrix view `W̄ = [kernel; bias]` (`(d_in [+1], d_o
   pre-activations and their mean gradients on one minibatch at two parameter values,
   `s = E_n h_n(θ) − E_n h_n(θ')`, `y = E_n g_n(θ) − E_n g_n(θ')` (`g_n = d l_n / d h_n`),
   double damped: Powell's damping on `H_g` (`μ₁ = 0.2`), then Levenberg–Marquardt damping
-  on `B_g = H_g⁻¹` (`ỹ = y + μ₂ s̃`). L-BFGS starts from `H₀ = I / ((1 + γ) m_G)`.
+  on `B_g = H_g⁻¹` (`ỹ = y + μ₂ s̃`). L-BFGS starts from the usual `H₀ = (s̃ᵀỹ / ỹᵀỹ) I`
+  of the newest pair (`I / ((1 + γ) m_G)` before the first pair).
 
 Damping is relative (`soo` DESIGN §6), as KFAC's: `(1 + γ)² = 1 + damping`, `m(A)` the
 mean eigenvalue of `A`, and `m_G` that of KFAC's output factor `E_n (1/T) Σ_t g gᵀ`
@@ -143,10 +144,22 @@ def _output_mean_eigenvalue(statistics: KbfgsStatistics) -> Array:
 
 
 def _output_damping(statistics: KbfgsStatistics, damping: Array):
-  """`(μ₂, h₀)`: the Levenberg–Marquardt damping `γ m_G` and L-BFGS's `H₀ = 1/((1+γ) m_G)`."""
+  """`(μ₂, h)`: the Levenberg–Marquardt damping `γ m_G` and `1/((1+γ) m_G)`, L-BFGS's
+  initial scale before the first pair."""
   gamma = per_factor(damping, 2)
   mean = _output_mean_eigenvalue(statistics)
   return gamma * mean, 1.0 / ((1.0 + gamma) * mean)
+
+
+def _initial_scale(preconditioner: "KbfgsPreconditioner", fallback: Array) -> Array:
+  """L-BFGS's `H₀ = h₀ I`: `h₀ = s̃ᵀỹ / ỹᵀỹ` of the newest pair (Nocedal & Wright, eq.
+  7.20), `fallback` before the first one."""
+  p = preconditioner
+  newest = (p.next_slot - 1) % p.filled.shape[0]
+  s, y = p.pairs.s[newest], p.pairs.y[newest]
+  sy, yy = jnp.sum(s * y), jnp.sum(y * y)
+  ok = p.filled[newest] & (sy > 0) & (yy > 0)
+  return jnp.where(ok, sy / jnp.where(ok, yy, 1.0), fallback).astype(fallback.dtype)
 
 
 def _mean_rows(x: Array) -> Array:
@@ -212,10 +225,10 @@ class Kbfgs(engine.Algorithm):
     s = (linalg.matmul(mean_input, data.weights.astype(dtype))
          - linalg.matmul(_mean_rows(a_prev), data.previous_weights.astype(dtype)))
     y = _mean_rows(g) - _mean_rows(g_prev)
-    lm_damping, initial_scale = _output_damping(statistics, damping)
+    lm_damping, fallback = _output_damping(statistics, damping)
     ring = preconditioner.pairs
     hy = qn.two_loop(ring.s, ring.y, preconditioner.filled, preconditioner.next_slot,
-                     initial_scale, y)
+                     _initial_scale(preconditioner, fallback), y)
     s, y = qn.double_damping(s, y, hy, lm_damping)
     accept = data.has_previous & qn.curvature_ok(s, y)
     s_ring, y_ring, filled, next_slot = qn.push_pair(
@@ -223,9 +236,10 @@ class Kbfgs(engine.Algorithm):
     return KbfgsPreconditioner(input_inverse, SecantPair(s_ring, y_ring), filled, next_slot)
 
   def apply(self, info, preconditioner, statistics, grad, damping):
-    _, initial_scale = _output_damping(statistics, damping)
+    _, fallback = _output_damping(statistics, damping)
     p = preconditioner
-    right = qn.two_loop(p.pairs.s, p.pairs.y, p.filled, p.next_slot, initial_scale, grad)
+    right = qn.two_loop(p.pairs.s, p.pairs.y, p.filled, p.next_slot,
+                        _initial_scale(p, fallback), grad)
     return linalg.matmul(p.input_inverse, right)
 
   def describe(self, info):
