@@ -58,7 +58,8 @@ method (KFAC, EKFAC, TKFAC, TEKFAC, TNT, MBF, SENG; Shampoo is not a Fisher meth
   preset nevertheless ends its 10 epochs behind its round-1 one, 87.05 vs 84.08.)
 
 K-BFGS(L) (added with issue 18) was not swept either: its preset is the library defaults
-(relative damping, as KFAC's), and it is the one method that needs a second pass (`Method.second_pass`: `update` gets `curvature_fn=`, see `training`).
+(relative damping, as KFAC's). It is the one method that needs a second pass
+(`Method.second_pass`: `update` gets `curvature_fn=`, see `training`).
 
 SOAP (added with issue 18) was not swept: its preset is the paper's defaults (those of
 `soo.soap()`), and its step-time settings are the paper's refresh period, by `eigh` and by

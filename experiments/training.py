@@ -4,9 +4,9 @@ A `Task` ties a linen model to a loss family and says how a dataset becomes inpu
 targets. `train_step_fn` builds one jit-able training step for any registry method: a plain
 `value_and_grad` for gradient-only methods, `soo.linen_curvature` with the method's Fisher
 kind for second-order ones (and, for methods with a second pass such as K-BFGS, the
-capture as a function of the parameters, `curvature_fn=`). `train` runs one method with a fixed data order and seed and
-records per-epoch training/test loss, accuracy and training seconds (compilation and
-evaluation excluded; compile time is reported separately).
+capture as a function of the parameters, `curvature_fn=`). `train` runs one method with a
+fixed data order and seed and records per-epoch training/test loss, accuracy and training
+seconds (compilation and evaluation excluded; compile time is reported separately).
 
 Example:
   >>> from experiments import data, methods, training
