@@ -243,7 +243,7 @@ CONTRACT = dict(capture_fisher="empirical", second_pass=True)
 
 def test_contract_jit_convergence_at_defaults():
   losses = contract.check_jit_convergence(soo.kbfgs, **CONTRACT)
-  assert losses[-1] < 0.1 * losses[0]
+  assert losses[-1] < 0.3 * losses[0]
 
 
 def test_contract_chain_inject_multisteps_nonfinite_bf16_missing():
