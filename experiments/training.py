@@ -3,9 +3,10 @@
 A `Task` ties a linen model to a loss family and says how a dataset becomes inputs and
 targets. `train_step_fn` builds one jit-able training step for any registry method: a plain
 `value_and_grad` for gradient-only methods, `soo.linen_curvature` with the method's Fisher
-kind for second-order ones. `train` runs one method with a fixed data order and seed and
-records per-epoch training/test loss, accuracy and training seconds (compilation and
-evaluation excluded; compile time is reported separately).
+kind for second-order ones (and, for methods with a second pass such as K-BFGS, the
+capture as a function of the parameters, `curvature_fn=`). `train` runs one method with a
+fixed data order and seed and records per-epoch training/test loss, accuracy and training
+seconds (compilation and evaluation excluded; compile time is reported separately).
 
 Example:
   >>> from experiments import data, methods, training
@@ -147,15 +148,24 @@ def loss_and_grads_fn(task: Task, fisher: Optional[str]):
   return with_curvature
 
 
-def train_step_fn(task: Task, tx: optax.GradientTransformation, fisher: Optional[str]):
-  """One training step on the batch `idx` of the device-resident data (not jitted)."""
+def train_step_fn(task: Task, tx: optax.GradientTransformation, fisher: Optional[str],
+                  second_pass: bool = False):
+  """One training step on the batch `idx` of the device-resident data (not jitted).
+
+  `second_pass` (K-BFGS) also passes `curvature_fn=`, the capture on this step's batch as a
+  function of the parameters (the optimizer evaluates it at its previous parameters).
+  """
   loss_and_grads = loss_and_grads_fn(task, fisher)
 
   def step(params, model_state, opt_state, inputs, targets, idx, rng):
     batch_inputs, batch_targets = inputs[idx], targets[idx]
-    loss, grads, curvature, model_state = loss_and_grads(
+    loss, grads, curvature, new_model_state = loss_and_grads(
         params, model_state, batch_inputs, batch_targets, rng)
     extra = {} if curvature is None else {"curvature": curvature}
+    if second_pass:
+      extra["curvature_fn"] = lambda p: loss_and_grads(p, model_state, batch_inputs,
+                                                       batch_targets, rng)[2]
+    model_state = new_model_state
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), model_state, opt_state, loss
   return step
@@ -222,7 +232,7 @@ def train(task: Task, dataset: data_lib.Dataset, method: Method, *, epochs: int,
   opt_state = tx.init(params)
   evaluate = evaluate_fn(task)
   inputs, targets = jnp.asarray(x_train), jnp.asarray(t_train)
-  step = jax.jit(train_step_fn(task, tx, method.fisher))
+  step = jax.jit(train_step_fn(task, tx, method.fisher, method.second_pass))
   base_key = jax.random.key(seed)
 
   idx0 = epoch_batches(len(x_train), batch_size, seed, 0)

@@ -15,6 +15,8 @@ from secondorder_optax._src.describe import describe
 from secondorder_optax._src.engine import PreconditionerState
 from secondorder_optax._src.kfac import (ekfac, kfac, scale_by_ekfac, scale_by_kfac,
                                          scale_by_tekfac, scale_by_tkfac, tekfac, tkfac)
+from secondorder_optax._src.kbfgs import (KbfgsPreconditioner, KbfgsState, KbfgsStatistics,
+                                          SecantPair, kbfgs, scale_by_kbfgs)
 from secondorder_optax._src.kl_clip import KLClipState, clip_by_kl
 from secondorder_optax._src.kronecker import EigenBases, KroneckerFactors, KroneckerInverses
 from secondorder_optax._src.mbf import mbf, scale_by_mbf
@@ -36,6 +38,9 @@ __all__ = [
     "ExplicitFactors",
     "GraftState",
     "KLClipState",
+    "KbfgsPreconditioner",
+    "KbfgsState",
+    "KbfgsStatistics",
     "KroneckerFactors",
     "KroneckerInverses",
     "LayerStats",
@@ -44,6 +49,7 @@ __all__ = [
     "OuterProductFactors",
     "PreconditionerState",
     "RowBlocks",
+    "SecantPair",
     "SengLayerState",
     "SengPlan",
     "SoapPreconditioner",
@@ -51,12 +57,14 @@ __all__ = [
     "clip_by_kl",
     "describe",
     "ekfac",
+    "kbfgs",
     "kfac",
     "linen_curvature",
     "losses",
     "mbf",
     "nnx_curvature",
     "scale_by_ekfac",
+    "scale_by_kbfgs",
     "scale_by_kfac",
     "scale_by_mbf",
     "scale_by_seng",

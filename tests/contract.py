@@ -5,6 +5,8 @@ jit (donating params and state) with no recompilation over 30 steps, stable stat
 convergence, `optax.chain`, `inject_hyperparams` (learning rate and damping changed
 between steps without recompiling), `MultiSteps`, `apply_if_finite` with a non-finite
 gradient, and bf16 parameters. Each check asserts; a failing method fails its test.
+`second_pass=True` (K-BFGS) also passes `curvature_fn=lambda p: curv_fn(p, x, y, rng)`
+to every `update`, as a training loop of such a method does.
 """
 
 from __future__ import annotations
@@ -31,21 +33,28 @@ def _structure(tree):
   return jax.tree.map(lambda a: (jnp.shape(a), jnp.asarray(a).dtype), tree)
 
 
-def _make_step(tx, curv_fn, pass_curvature, donate=False):
+def _second_pass(curv_fn, x, y, rng, second_pass):
+  """`{"curvature_fn": ...}` for a method that needs the second pass, else `{}`."""
+  return {"curvature_fn": lambda p: curv_fn(p, x, y, rng)} if second_pass else {}
+
+
+def _make_step(tx, curv_fn, pass_curvature, donate=False, second_pass=False):
   def step(params, state, x, y, rng):
     loss, grads, curvature = curv_fn(params, x, y, rng)
     extra = {"curvature": curvature} if pass_curvature else {}
+    extra.update(_second_pass(curv_fn, x, y, rng, second_pass))
     updates, state = tx.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state, loss
   return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
 def check_jit_convergence(factory, *, steps=30, pass_curvature=True, capture_fisher="sampled",
-                          **hparams):
+                          second_pass=False, **hparams):
   params, x, y, curv_fn = _problem(capture_fisher)
   tx = factory(**hparams)
   state = tx.init(params)  # Eager init, then a step that donates params and state (the
-  step = _make_step(tx, curv_fn, pass_curvature, donate=True)  # usual training loop).
+  step = _make_step(tx, curv_fn, pass_curvature, donate=True,  # usual training loop).
+                    second_pass=second_pass)
   first_structure = _structure(state)
   losses = []
   for i in range(steps):
@@ -59,13 +68,13 @@ def check_jit_convergence(factory, *, steps=30, pass_curvature=True, capture_fis
 
 
 def check_chain_and_inject(scale_by, full_factory, *, learning_rate, damping,
-                           capture_fisher="sampled", **hparams):
+                           capture_fisher="sampled", second_pass=False, **hparams):
   """`optax.chain(clip, scale_by_<m>, scale)` and `inject_hyperparams(<m>)` both train."""
   params, x, y, curv_fn = _problem(capture_fisher)
   chained = optax.chain(optax.clip_by_global_norm(10.0), scale_by(damping=damping, **hparams),
                         optax.scale(-learning_rate))
   state = chained.init(params)
-  step = _make_step(chained, curv_fn, True)
+  step = _make_step(chained, curv_fn, True, second_pass=second_pass)
   p = params
   for i in range(3):
     p, state, _ = step(p, state, x, y, jax.random.key(i))
@@ -76,7 +85,7 @@ def check_chain_and_inject(scale_by, full_factory, *, learning_rate, damping,
   injected = optax.inject_hyperparams(full_factory)(
       learning_rate=learning_rate, damping=damping, **hparams)
   state = injected.init(params)
-  step = _make_step(injected, curv_fn, True)
+  step = _make_step(injected, curv_fn, True, second_pass=second_pass)
   p = params
   p, state, _ = step(p, state, x, y, jax.random.key(0))
   _set_hyperparam(state, "learning_rate", learning_rate / 2)
@@ -95,12 +104,13 @@ def _set_hyperparam(state, name, value):
   state.hyperparams[name] = jnp.asarray(value, dtype=old.dtype)
 
 
-def check_multisteps_and_nonfinite(factory, capture_fisher="sampled", **hparams):
+def check_multisteps_and_nonfinite(factory, capture_fisher="sampled", second_pass=False,
+                                   **hparams):
   """`MultiSteps` accumulates; a NaN gradient leaves params and state untouched."""
   params, x, y, curv_fn = _problem(capture_fisher)
   multi = optax.MultiSteps(factory(**hparams), every_k_schedule=2)
   state = multi.init(params)
-  step = _make_step(multi, curv_fn, True)
+  step = _make_step(multi, curv_fn, True, second_pass=second_pass)
   p1, state, _ = step(params, state, x, y, jax.random.key(0))
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # accumulating
@@ -110,15 +120,16 @@ def check_multisteps_and_nonfinite(factory, capture_fisher="sampled", **hparams)
   tx = optax.apply_if_finite(factory(**hparams), max_consecutive_errors=5)
   state = tx.init(params)
   loss, grads, curvature = curv_fn(params, x, y, jax.random.key(0))
+  extra = _second_pass(curv_fn, x, y, jax.random.key(0), second_pass)
   bad = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
-  updates, new_state = tx.update(bad, state, params, curvature=curvature)
+  updates, new_state = tx.update(bad, state, params, curvature=curvature, **extra)
   assert int(new_state.notfinite_count) == 1
   for a, b in zip(jax.tree.leaves(new_state.inner_state), jax.tree.leaves(state.inner_state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Without apply_if_finite, the method's own state is untouched by a NaN gradient.
   raw = factory(**hparams)
   raw_state = raw.init(params)
-  _, raw_new = raw.update(bad, raw_state, params, curvature=curvature)
+  _, raw_new = raw.update(bad, raw_state, params, curvature=curvature, **extra)
   for a, b in zip(jax.tree.leaves(raw_new), jax.tree.leaves(raw_state)):
     a, b = np.asarray(a), np.asarray(b)
     if np.issubdtype(a.dtype, np.floating):
@@ -127,34 +138,37 @@ def check_multisteps_and_nonfinite(factory, capture_fisher="sampled", **hparams)
   # (Floating leaves only: a deferred sampled-Fisher curvature also carries its PRNG key.)
   bad_curv = jax.tree.map(
       lambda s: s * jnp.nan if jnp.issubdtype(s.dtype, jnp.floating) else s, curvature)
-  _, raw_new = raw.update(grads, raw_state, params, curvature=bad_curv)
+  _, raw_new = raw.update(grads, raw_state, params, curvature=bad_curv, **extra)
   for a in jax.tree.leaves(raw_new):
     a = np.asarray(a)
     if np.issubdtype(a.dtype, np.floating):
       assert np.all(np.isfinite(a)), "NaN statistics leaked into the optimizer state"
 
 
-def check_bf16(factory, capture_fisher="sampled", **hparams):
+def check_bf16(factory, capture_fisher="sampled", second_pass=False, **hparams):
   """bf16 parameters: updates come back in bf16 and stay finite."""
   params, x, y, curv_fn = _problem(capture_fisher)
   params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
   tx = factory(**hparams)
   state = tx.init(params)
-  loss, grads, curvature = jax.jit(curv_fn)(params, x.astype(jnp.bfloat16), y, jax.random.key(0))
-  updates, state = jax.jit(lambda g, s, p, c: tx.update(g, s, p, curvature=c))(
+  x = x.astype(jnp.bfloat16)
+  loss, grads, curvature = jax.jit(curv_fn)(params, x, y, jax.random.key(0))
+  extra = _second_pass(curv_fn, x, y, jax.random.key(0), second_pass)
+  updates, state = jax.jit(lambda g, s, p, c: tx.update(g, s, p, curvature=c, **extra))(
       grads, state, params, curvature)
   for u in jax.tree.leaves(updates):
     assert u.dtype == jnp.bfloat16
     assert np.all(np.isfinite(np.asarray(u, np.float32)))
 
 
-def check_missing_curvature(factory, method_name, capture_fisher="sampled", **hparams):
+def check_missing_curvature(factory, method_name, capture_fisher="sampled", second_pass=False,
+                            **hparams):
   params, x, y, curv_fn = _problem(capture_fisher)
   tx = factory(**hparams)
   state = tx.init(params)
   _, grads, _ = curv_fn(params, x, y, jax.random.key(0))
   try:
-    tx.update(grads, state, params)
+    tx.update(grads, state, params, **_second_pass(curv_fn, x, y, None, second_pass))
   except ValueError as e:
     assert method_name in str(e) and "curvature" in str(e), str(e)
   else:

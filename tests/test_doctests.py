@@ -14,6 +14,8 @@ MODULES = [
     "secondorder_optax._src.capture.linen",
     "secondorder_optax._src.capture.nnx",
     "secondorder_optax._src.kfac",
+    "secondorder_optax._src.kbfgs",
+    "secondorder_optax._src.quasi_newton",
     "secondorder_optax._src.tnt",
     "secondorder_optax._src.shampoo",
     "secondorder_optax._src.soap",

@@ -144,6 +144,19 @@ def test_reach_target():
   assert training.reach_target(run, 0.5) == (None, None)
 
 
+def test_second_pass_method_trains():
+  """K-BFGS's training step passes `curvature_fn=` (its second pass) and the loss falls."""
+  if not methods.is_available("kbfgs"):
+    pytest.skip("no soo.kbfgs")
+  method = methods.get_method("kbfgs")
+  assert method.second_pass and not methods.get_method("kfac").second_pass
+  ds = data.load_digits()
+  task = training.make_task("autoencoder", ds, hidden=(16, 4))
+  run = training.train(task, ds, method, epochs=1, batch_size=100, progress=False,
+                       overrides={"memory": 5})
+  assert not run["diverged"] and run["train_loss"][1] < run["train_loss"][0]
+
+
 def test_tiny_compare_run(tmp_path):
   second = "tnt" if methods.is_available("tnt") else "sgd"
   out = str(tmp_path / "out")

@@ -12,7 +12,9 @@ parameter leaf):
 * optionally `track(...)`: cheap preconditioner statistics re-estimated at every
   statistics step in the current preconditioner (EKFAC's eigenvalue corrections);
 * optionally `step(...)`: per-step state kept in the preconditioner and advanced with every
-  finite gradient, before `apply` (SOAP's Adam moments in its eigenbasis).
+  finite gradient, before `apply` (SOAP's Adam moments in its eigenbasis); with
+  `step_reads_data` the step also reads the unit's captured data, then read at every step
+  (K-BFGS's secant pairs).
 
 The engine owns everything else, once: the step `count`; the finite-gradient gate (a step
 with non-finite gradients leaves the state as it is); the `stats_every` / `inverse_every`
@@ -71,11 +73,15 @@ class Algorithm(abc.ABC):
     positive_damping: the method divides by the damping (a refresh needs `damping > 0`).
     refresh_reads_data: `refresh` reads the captured data (SENG), so it runs where the data
       is read.
+    step_reads_data: `step` reads the captured data (K-BFGS's secant pairs), so the data is
+      read at every step, and `step` gets `data=` and `statistics=`; a unit whose stepped
+      state is not finite keeps its previous one.
   """
 
   name: ClassVar[str] = ""
   positive_damping: ClassVar[bool] = False
   refresh_reads_data: ClassVar[bool] = False
+  step_reads_data: ClassVar[bool] = False
 
   def init_statistics(self, unit: Any) -> Any:
     """Initial (unset) statistics of a unit; `()` for a method without statistics."""
@@ -117,7 +123,9 @@ class Algorithm(abc.ABC):
     step with finite gradients, after this step's refresh and before `apply`, which sees the
     advanced state); `hyperparameters` are the transformation's `step_hyperparameters`,
     read at this step. A refresh's `assemble` carries the per-step state into the new
-    preconditioner (it gets it in `previous`). The default keeps no per-step state."""
+    preconditioner (it gets it in `previous`). With `step_reads_data`, also called with
+    `data=` (the unit's captured data) and `statistics=` (this step's running averages).
+    The default keeps no per-step state."""
     return preconditioner
 
   @property
@@ -465,10 +473,22 @@ def _step(updates, source, state: PreconditionerState, hyper: Settings, *,
   units = dict(unit_items)
   active = all_finite(updates)
   grads = coverage.gather(updates, units)
-  refreshed = refresh_state(algorithm, units, lambda: coverage.read(source, units), state,
-                            active, hyper)
+  if algorithm.step_reads_data:  # the per-step state needs the data at every step
+    data = coverage.read(source, units)
+    read_data = lambda: data
+  else:
+    read_data = lambda: coverage.read(source, units)
+  refreshed = refresh_state(algorithm, units, read_data, state, active, hyper)
   preconditioner = refreshed.preconditioner
-  if algorithm.steps:
+  if algorithm.steps and algorithm.step_reads_data:
+    stepped = {key: algorithm.step(unit, preconditioner[key], grads[key], hyper.step,
+                                   data=data[key], statistics=refreshed.statistics[key])
+               for key, unit in units.items()}
+    preconditioner = {key: _keep_unless(
+        active & _changed_leaves_finite(stepped[key], preconditioner[key]), stepped[key],
+        preconditioner[key]) for key in units}
+    refreshed = refreshed._replace(preconditioner=preconditioner)
+  elif algorithm.steps:
     preconditioner = {key: algorithm.step(unit, preconditioner[key], grads[key], hyper.step)
                       for key, unit in units.items()}
     refreshed = refreshed._replace(
