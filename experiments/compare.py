@@ -58,8 +58,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--batch-size", type=int, default=None,
                  help="default: 100 on digits, else 1000")
   p.add_argument("--presets", action="store_true",
-                 help="second-order methods at the tuned presets of experiments/methods.py "
-                      "(default: the library's defaults, soo.<method>())")
+                 help="second-order methods at the presets of experiments/methods.py, tuned "
+                      "for 0.2's absolute damping (default: the library's defaults)")
   p.add_argument("--methods", default=None,
                  help="comma-separated names (default: every available one): "
                       + ",".join(methods_lib.ALL_NAMES))

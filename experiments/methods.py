@@ -1,5 +1,11 @@
 """The optimizers the experiments compare, each with its preset.
 
+Caveat (release 0.3): the second-order presets below were tuned in 0.2, when damping was
+absolute and momentum heavy-ball. Damping is now relative (DESIGN §6), so their damping
+values mean something else: KFAC at its preset damping 0.01 now diverges on the MNIST
+autoencoder. `compare` therefore runs the library defaults (`library_defaults`) unless
+`--presets` is given; the presets stay as the record of the 0.2 procedure below.
+
 `available_methods()` lists Adam and SGD-momentum (always) and every `secondorder_optax`
 method that exists in the installed version (`hasattr(soo, name)`), in a fixed order.
 Each `Method` knows how to build its full optimizer, which curvature it needs and where its

@@ -8,11 +8,9 @@ the stored pairs (from `H₀ = (sᵀy / yᵀy) I` of the newest pair); the direc
 `H_a ∇W̄ H_g` with `H_g` formed densely.
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import secondorder_optax as soo
