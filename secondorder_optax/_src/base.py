@@ -249,6 +249,20 @@ class Curvature:
     return f"Curvature({self.fisher}, {state}, layers={list(self.layer_meta)})"
 
 
+def path_keys(key_path: Any) -> LayerPath:
+  """A `jax.tree_util` key path as plain names: dict keys, attribute names, sequence
+  indices (`("Dense_0", "kernel")`, `("inner", "statistics", 0)`)."""
+  out = []
+  for entry in key_path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        out.append(getattr(entry, attr))
+        break
+    else:
+      out.append(str(entry))
+  return tuple(out)
+
+
 def path_to_str(path: LayerPath) -> str:
   """Human/state key for a layer path: `("Encoder_0", "Dense_1") -> "Encoder_0/Dense_1"`."""
   return "/".join(str(p) for p in path)

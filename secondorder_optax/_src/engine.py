@@ -480,17 +480,16 @@ def _step(updates, source, state: PreconditionerState, hyper: Settings, *,
     read_data = lambda: coverage.read(source, units)
   refreshed = refresh_state(algorithm, units, read_data, state, active, hyper)
   preconditioner = refreshed.preconditioner
-  if algorithm.steps and algorithm.step_reads_data:
-    stepped = {key: algorithm.step(unit, preconditioner[key], grads[key], hyper.step,
-                                   data=data[key], statistics=refreshed.statistics[key])
-               for key, unit in units.items()}
-    preconditioner = {key: _keep_unless(
-        active & _changed_leaves_finite(stepped[key], preconditioner[key]), stepped[key],
-        preconditioner[key]) for key in units}
-    refreshed = refreshed._replace(preconditioner=preconditioner)
-  elif algorithm.steps:
-    preconditioner = {key: algorithm.step(unit, preconditioner[key], grads[key], hyper.step)
+  if algorithm.steps:
+    data_args = lambda key: ({"data": data[key], "statistics": refreshed.statistics[key]}
+                             if algorithm.step_reads_data else {})
+    preconditioner = {key: algorithm.step(unit, preconditioner[key], grads[key], hyper.step,
+                                          **data_args(key))
                       for key, unit in units.items()}
+    if algorithm.step_reads_data:  # a unit whose stepped state is not finite keeps its own
+      preconditioner = {key: _keep_unless(
+          _changed_leaves_finite(preconditioner[key], refreshed.preconditioner[key]),
+          preconditioner[key], refreshed.preconditioner[key]) for key in units}
     refreshed = refreshed._replace(
         preconditioner=_keep_unless(active, preconditioner, refreshed.preconditioner))
   directions = {key: algorithm.apply(unit, preconditioner[key], refreshed.statistics[key],

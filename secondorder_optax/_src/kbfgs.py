@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from secondorder_optax._src import alias, engine, layerwise, linalg, patches, validation
+from secondorder_optax._src import (alias, engine, kronecker, layerwise, linalg, patches,
+                                    validation)
 from secondorder_optax._src import quasi_newton as qn
 from secondorder_optax._src.base import (Curvature, LayerPath, LayerStats, ScalarOrSchedule,
                                          all_finite, select_tree, stats_dtype)
@@ -189,11 +190,9 @@ class Kbfgs(engine.Algorithm):
                                jnp.zeros((self.memory,), bool), jnp.zeros((), jnp.int32))
 
   def statistics(self, info, data):
-    a, g = _layer_view(data.current, stats_dtype(info.dtype))
-    batch, locations = a.shape[0], a.shape[1]
-    input_factor = linalg.symmetric_gram(a.reshape((-1, a.shape[-1]))) / batch
-    return KbfgsStatistics(input_factor, jnp.sum(jnp.square(g)) / (batch * locations
-                                                                   * g.shape[-1]))
+    a, g = kronecker.layer_view(data.current, stats_dtype(info.dtype))
+    return KbfgsStatistics(kronecker.input_factor(a),
+                           jnp.sum(jnp.square(g)) / (a.shape[0] * a.shape[1] * g.shape[-1]))
 
   def refresh(self, info, statistics, previous, damping, data):
     """The exact damped inverse `(A + γ m(A) I)⁻¹` (KFAC's input factor)."""
@@ -208,8 +207,8 @@ class Kbfgs(engine.Algorithm):
   def step(self, info, preconditioner, grad, hyperparameters, *, data, statistics):
     damping = hyperparameters["damping"]
     dtype = preconditioner.input_inverse.dtype
-    a, g = _layer_view(data.current, dtype)
-    a_prev, g_prev = _layer_view(data.previous, dtype)
+    a, g = kronecker.layer_view(data.current, dtype)
+    a_prev, g_prev = kronecker.layer_view(data.previous, dtype)
     mean_input = _mean_rows(a)
 
     # Input factor: BFGS with the Hessian action of the damped running average.
@@ -246,11 +245,6 @@ class Kbfgs(engine.Algorithm):
     d_in, d_out = info.matrix_shape
     return (f"K-BFGS(L): BFGS inverse of A ({d_in}x{d_in}) ⊗ L-BFGS inverse of G "
             f"({d_out}x{d_out}, {self.memory} secant pairs)")
-
-
-def _layer_view(stats: LayerStats, dtype: Any):
-  return (patches.layer_inputs(stats).astype(dtype),
-          patches.layer_output_grads(stats).astype(dtype))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -91,10 +91,15 @@ def _gram(x: Array, scale: float) -> Array:
   return linalg.symmetric_gram(x.reshape((-1, x.shape[-1]))) * scale
 
 
+def input_factor(a: Array) -> Array:
+  """KFC's input factor `A = E_n Σ_t ā āᵀ` (also K-BFGS's)."""
+  return _gram(a, 1.0 / a.shape[0])
+
+
 def kronecker_factors(a: Array, g: Array) -> KroneckerFactors:
   """KFC factors `A = E_n Σ_t ā āᵀ` and `G = E_n (1/T) Σ_t g gᵀ`."""
   batch, locations = a.shape[0], a.shape[1]
-  return KroneckerFactors(_gram(a, 1.0 / batch), _gram(g, 1.0 / (batch * locations)))
+  return KroneckerFactors(input_factor(a), _gram(g, 1.0 / (batch * locations)))
 
 
 def trace_restricted_factors(a: Array, g: Array) -> KroneckerFactors:

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from secondorder_optax._src import engine, patches, validation
-from secondorder_optax._src.base import Curvature, LayerPath, path_to_str, stats_dtype
+from secondorder_optax._src.base import (Curvature, LayerPath, path_keys, path_to_str,
+                                         stats_dtype)
 
 Array = jax.Array
 
@@ -53,18 +54,6 @@ class LayerInfo:
     return (math.prod(self.kernel_shape[:-1]) + int(self.has_bias), self.kernel_shape[-1])
 
 
-def _path_keys(path) -> LayerPath:
-  out = []
-  for entry in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(entry, attr):
-        out.append(getattr(entry, attr))
-        break
-    else:
-      out.append(str(entry))
-  return tuple(out)
-
-
 def to_pure(tree: Any) -> Any:
   """`nnx.State` / `nnx.Variable` leaves (as `nnx.Optimizer` passes them) -> nested dicts
   of arrays, so that paths are module paths; other trees are returned unchanged."""
@@ -85,7 +74,7 @@ def restore_like(original: Any, pure: Any) -> Any:
 def leaf_paths(tree: Any) -> Dict[LayerPath, Any]:
   """All leaves of a params tree keyed by their key path tuples."""
   flat, _ = jax.tree_util.tree_flatten_with_path(to_pure(tree))
-  return {_path_keys(p): leaf for p, leaf in flat}
+  return {path_keys(p): leaf for p, leaf in flat}
 
 
 def find_layers(params: Any, layers: Optional[Sequence[LayerPath]] = None) -> Dict[str, LayerInfo]:
@@ -129,7 +118,7 @@ def layer_mask(params: Any, infos: Mapping[str, LayerInfo]) -> Any:
   """Tree of bools: True for leaves outside preconditioned layers (the fallback's leaves)."""
   layer_paths = {info.path for info in infos.values()}
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  mask = [_path_keys(p)[:-1] not in layer_paths for p, _ in flat]
+  mask = [path_keys(p)[:-1] not in layer_paths for p, _ in flat]
   return jax.tree_util.tree_unflatten(treedef, mask)
 
 

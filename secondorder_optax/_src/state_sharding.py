@@ -16,20 +16,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from secondorder_optax._src.base import path_keys, path_to_str
+
 Rules = Union[Mapping[str, PartitionSpec], Iterable[Tuple[str, PartitionSpec]]]
-
-
-def _key_name(key: Any) -> str:
-  for attribute in ("key", "name", "idx"):
-    if hasattr(key, attribute):
-      return str(getattr(key, attribute))
-  return str(key)
 
 
 def state_sharding_path(path: Tuple[Any, ...]) -> str:
   """A key path (from `jax.tree_util.tree_flatten_with_path`) as the `/`-joined names that
   `state_shardings`' rules match, e.g. `".../preconditioner/Dense_0/input_inverse"`."""
-  return "/".join(_key_name(key) for key in path)
+  return path_to_str(path_keys(path))
 
 
 def _compiled_rules(rules: Rules):
