@@ -317,8 +317,9 @@ def merge_results(paths: Sequence[str], output_dir: str, *,
                   plots: bool = True) -> Dict[str, Any]:
   """Merges `results.json` files of separate runs (e.g. one process per method).
 
-  Every file must come from the same task, dataset, epochs, batch size, training-set size
-  and seed. The runs are concatenated in the order given (a method that appears in several
+  Every file must come from the same task, dataset, batch size, training-set size and
+  seed; the numbers of epochs may differ (a short run of a fast method next to Adam's full
+  run still answers "how long to Adam's final loss"). The runs are concatenated in the order given (a method that appears in several
   files keeps the runs of the last one) and each method's best run is summarised as in a
   single comparison.
   """
@@ -326,7 +327,7 @@ def merge_results(paths: Sequence[str], output_dir: str, *,
             for p in paths]
   if not loaded:
     raise ValueError("merge_results: no results given")
-  keys = ("task", "dataset", "epochs", "batch_size", "train_examples", "seed")
+  keys = ("task", "dataset", "batch_size", "train_examples", "seed")
   first = loaded[0]["config"]
   for path, results in zip(paths, loaded):
     differing = [k for k in keys if results["config"].get(k) != first.get(k)]
@@ -342,6 +343,7 @@ def merge_results(paths: Sequence[str], output_dir: str, *,
   runs = [run for method_runs in by_method.values() for run in method_runs]
   best = {name: best_run(method_runs) for name, method_runs in by_method.items()}
   config = dict(first, methods=list(by_method),
+                epochs=max(r["config"]["epochs"] for r in loaded),
                 merged_from=[r["config"] for r in loaded])
   classifier = any(math.isfinite(a) for run in runs for a in run["test_accuracy"]
                    if isinstance(a, (int, float)))

@@ -205,12 +205,12 @@ class _RawCheckpoint(nnx.Module):
 
 def test_clear_errors_and_skip_unsupported():
   family = soo.losses.softmax_cross_entropy
-  fn = soo.nnx_curvature(family, fisher="empirical")
+  fn = soo.nnx_curvature(family, fisher="empirical", skip_unsupported=False)
   trace = lambda f, *args: nnx.eval_shape(f, *args)  # errors are raised while tracing
   x, y = jnp.ones((2, 5, 2)), jnp.array([0, 1])
   with pytest.raises(UnsupportedLayerError, match="layer conv uses grouped convolution"):
     trace(fn, _Grouped(nnx.Rngs(0)), x, y)
-  skip_fn = soo.nnx_curvature(family, fisher="empirical", skip_unsupported=True)
+  skip_fn = soo.nnx_curvature(family, fisher="empirical")  # skips by default
   assert set(trace(skip_fn, _Grouped(nnx.Rngs(0)), x, y)[2].layers) == {("head",)}
   with pytest.raises(ValueError, match="no capturable layer"):
     trace(fn, _NoLayer(), jnp.ones((2, 4)), y)

@@ -7,6 +7,7 @@ and the argument or parameter path; every state round-trips through orbax-checkp
 `soo.describe` sees through optax's wrappers.
 """
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -250,3 +251,43 @@ def test_describe_with_curvature_reports_uncaptured_layers():
                        print_fn=None)
   assert "NOT CAPTURED" in rules["DenseGeneral_0/kernel"]
   assert rules["Dense_0/kernel"].startswith("kfac: Kronecker")
+
+
+@pytest.mark.parametrize("name,fisher", [("kfac", "sampled"), ("mbf", "empirical")])
+def test_layers_captured_sends_uncaptured_layers_to_the_fallback(name, fisher):
+  """One switch, `layers='captured'`: the DenseGeneral the capture leaves out is trained by
+  Adam (exactly `optax.adamw`'s step), the captured Dense exactly as with an explicit
+  `layers=[Dense_0]`; the default `layers=None` names the switch in its error."""
+  model = _Attention()
+  x = jax.random.normal(jax.random.key(2), (6, 5))
+  y = jnp.array([0, 1, 2, 0, 1, 2])
+  params = model.init(jax.random.key(0), x)["params"]
+  curv_fn = soo.linen_curvature(model, soo.losses.softmax_cross_entropy, fisher=fisher)
+  _, grads, curvature = curv_fn(params, x, y, jax.random.key(1))
+  assert set(curvature.layers) == {("Dense_0",)}
+  make = getattr(soo, name)
+  tx = make(layers="captured")
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params, curvature=curvature)
+  adam = optax.adamw(1e-3, weight_decay=0.0)
+  adam_updates, _ = adam.update(grads, adam.init(params), params)
+  chex.assert_trees_all_close(updates["DenseGeneral_0"], adam_updates["DenseGeneral_0"],
+                              rtol=1e-6)
+  explicit = make(layers=[("Dense_0",)])
+  explicit_updates, _ = explicit.update(grads, explicit.init(params), params,
+                                        curvature=curvature)
+  chex.assert_trees_all_close(updates["Dense_0"], explicit_updates["Dense_0"], rtol=1e-5)
+  assert float(jnp.abs(updates["Dense_0"]["kernel"]).max()) > 0
+  # A second step: the absent layer's state is kept, nothing fails.
+  _, state = tx.update(grads, state, params, curvature=curvature)
+  inner = [s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "failures"))
+           if hasattr(s, "failures")]
+  assert inner and all(int(s.failures) == 0 for s in inner)
+  rules = soo.describe(tx, params, curvature=curvature, print_fn=None)
+  assert rules["DenseGeneral_0/kernel"].startswith("fallback: adam"), rules
+  assert "not captured" in rules["DenseGeneral_0/kernel"]
+  assert rules["Dense_0/kernel"].startswith(name)
+  default = make()
+  with pytest.raises(ValueError, match="layers='captured'"):
+    default.update(grads, default.init(params), params, curvature=curvature)
+  with pytest.raises(ValueError, match="layers= must be None, 'captured'"):
+    make(layers="all")

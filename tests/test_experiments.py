@@ -285,8 +285,16 @@ def test_merge_joins_separate_runs(tmp_path):
   compare.main(["--methods", "adam", "--epochs", "2", "--batch-size", "100", "--train-subset",
                 "200", "--hidden", "8,4", "--no-progress", "--no-plots", "--output-dir",
                 str(tmp_path / "c")])
-  with pytest.raises(ValueError, match="epochs"):
-    compare.merge_results([str(tmp_path / "a"), str(tmp_path / "c")], str(tmp_path / "x"))
+  # Runs of different lengths merge (a short run of a fast method next to Adam's full one).
+  longer = compare.merge_results([str(tmp_path / "a"), str(tmp_path / "c")],
+                                 str(tmp_path / "x"), plots=False)
+  assert longer["config"]["epochs"] == 2
+  other_seed = json.load(open(tmp_path / "a" / "results.json"))
+  other_seed["config"]["seed"] = 7
+  os.makedirs(tmp_path / "d")
+  json.dump(other_seed, open(tmp_path / "d" / "results.json", "w"))
+  with pytest.raises(ValueError, match="seed"):
+    compare.merge_results([str(tmp_path / "a"), str(tmp_path / "d")], str(tmp_path / "y"))
 
 
 def test_data_parallel_example_runs_on_synthetic_data(capsys):

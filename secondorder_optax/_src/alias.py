@@ -15,6 +15,7 @@ import functools
 from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from secondorder_optax._src import layerwise
@@ -97,9 +98,12 @@ def optimizer(scale_by, *, learning_rate: optax.ScalarOrSchedule, momentum: Opti
   fallback_learning_rate = preconditioner_args.pop("fallback_learning_rate")
   if fallback is None:
     fallback = optax.adamw(fallback_learning_rate, weight_decay=weight_decay)
+  fallback = keep_state_if_nonfinite(fallback)
   layers = preconditioner_args["layers"]
   second_order = build_optimizer(scale_by(**preconditioner_args), learning_rate=learning_rate,
                                  momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip)
+  if layers == layerwise.CAPTURED:
+    return route_by_capture(second_order, fallback)
   return optax.partition({PRECONDITIONED: second_order, FALLBACK: fallback},
                          functools.partial(layer_labels, layers=layers))
 
@@ -110,8 +114,49 @@ PRECONDITIONED, FALLBACK = "preconditioned", "fallback"
 def layer_labels(tree: Any, layers=None) -> Any:
   """`"preconditioned"` for the leaves of the layers a layer-wise method covers in `tree`
   (params or updates), `"fallback"` for the others."""
+  if layers == layerwise.CAPTURED:
+    layers = None
   outside = layerwise.layer_mask(tree, layerwise.find_layers(tree, layers))
   return jax.tree.map(lambda out: FALLBACK if out else PRECONDITIONED, outside)
+
+
+def route_by_capture(second_order: optax.GradientTransformation,
+                     fallback: optax.GradientTransformation
+                     ) -> optax.GradientTransformationExtraArgs:
+  """`layers='captured'`: at every step, the layers the step's curvature records go to
+  `second_order`, every other leaf to `fallback`.
+
+  Which layers a capture records is known only from the curvature, so `fallback` keeps its
+  state for every leaf and `second_order` for every candidate layer; each sees zeros on the
+  leaves that are not its own, whose outputs are discarded.
+  """
+  second_order = optax.masked(
+      second_order, lambda tree: jax.tree.map(lambda label: label == PRECONDITIONED,
+                                              layer_labels(tree)))
+  fallback = optax.with_extra_args_support(fallback)
+
+  def init_fn(params):
+    return optax.PartitionState({PRECONDITIONED: second_order.init(params),
+                                 FALLBACK: fallback.init(params)})
+
+  def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
+    captured = layerwise.captured_paths(curvature) or set()
+    layers = layerwise.find_layers(updates)
+    to_fallback = layerwise.layer_mask(
+        updates, {k: info for k, info in layers.items() if info.path in captured})
+    zero_where = lambda mask, tree: jax.tree.map(
+        lambda m, x: jnp.zeros_like(x) if m else x, mask, tree)
+    second_updates, second_state = second_order.update(
+        zero_where(to_fallback, updates), state.inner_states[PRECONDITIONED], params,
+        curvature=curvature, **extra_args)
+    fallback_updates, fallback_state = fallback.update(
+        zero_where(jax.tree.map(lambda m: not m, to_fallback), updates),
+        state.inner_states[FALLBACK], params)
+    out = jax.tree.map(lambda m, a, b: a if m else b, to_fallback, fallback_updates,
+                       second_updates)
+    return out, optax.PartitionState({PRECONDITIONED: second_state, FALLBACK: fallback_state})
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _is_zero(value) -> bool:

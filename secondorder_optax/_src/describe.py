@@ -113,8 +113,12 @@ def describe(tx_or_curvature: Any, params: Any, *, curvature: Optional[Curvature
     seen = {key for spec, _ in specs for key, _ in spec.leaf_shapes}
     first_order = _first_order_name(abstract_state)
     for path in rules:
-      if path_to_str(path) not in seen and first_order is not None:
+      if first_order is None:
+        continue
+      if path_to_str(path) not in seen:
         rules[path] = f"fallback: {first_order} (its own learning rate)"
+      elif layerwise.NOT_CAPTURED in rules[path]:  # layers='captured'
+        rules[path] = f"fallback: {first_order} (its own learning rate; {layerwise.NOT_CAPTURED})"
   table = {path_to_str(p): r for p, r in rules.items()}
   if print_fn is not None:
     width = max((len(k) for k in table), default=0)

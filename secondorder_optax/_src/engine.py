@@ -453,6 +453,12 @@ class Coverage(abc.ABC):
   def scatter(self, directions: Dict[str, Array], updates: Any, units: Dict[str, Any]) -> Any:
     """`updates` with each unit's leaves replaced by its direction (in the leaves' dtypes)."""
 
+  def present(self, units: Dict[str, Any], curvature: Any) -> Dict[str, Any]:
+    """The units this step preconditions (default: all); the others keep their state and
+    pass their updates through."""
+    del curvature
+    return units
+
   def uncovered(self, params: Any, units: Dict[str, Any]) -> Any:
     """Mask of the leaves no unit covers (they go to the fallback); `None` if none."""
     return None
@@ -497,6 +503,15 @@ def _step(updates, source, state: PreconditionerState, hyper: Settings, *,
                 for key, unit in units.items()}
   out = coverage.scatter(directions, updates, units)
   return out, active, refreshed
+
+
+def _only(state: PreconditionerState, units: Dict[str, Any]) -> PreconditionerState:
+  """`state` with the statistics and preconditioners of `units` only."""
+  if len(units) == len(state.preconditioner):
+    return state
+  pick = lambda tree: {key: value for key, value in tree.items() if key in units}
+  return state._replace(statistics=pick(state.statistics),
+                        preconditioner=pick(state.preconditioner))
 
 
 def transformation(algorithm: Algorithm, coverage: Coverage, *, damping: ScalarOrSchedule,
@@ -544,8 +559,13 @@ def transformation(algorithm: Algorithm, coverage: Coverage, *, damping: ScalarO
     hyper = settings(state.count, damping=damping, stats_decay=stats_decay,
                      stats_every=stats_every, inverse_every=inverse_every,
                      step_hyperparameters=step_hyperparameters)
-    out, active, refreshed = _step(updates, source, state, hyper, algorithm=algorithm,
-                                   coverage=coverage, unit_items=tuple(units.items()))
+    present = coverage.present(units, curvature)
+    out, active, refreshed = _step(updates, source, _only(state, present), hyper,
+                                   algorithm=algorithm, coverage=coverage,
+                                   unit_items=tuple(present.items()))
+    refreshed = refreshed._replace(  # absent units keep their state
+        statistics={**state.statistics, **refreshed.statistics},
+        preconditioner={**state.preconditioner, **refreshed.preconditioner})
     fb = masked_fallback(updates if params is None else params, units)
     new_fallback = state.fallback
     if fb is not None:

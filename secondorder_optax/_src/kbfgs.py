@@ -32,7 +32,7 @@ the parameters after this update. The curvature must be the empirical Fisher's
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -330,8 +330,9 @@ def _scale_by_kbfgs_units(*, damping, stats_decay, stats_every, inverse_every, m
   method = Kbfgs.name
   validation.check_schedule(method, damping=damping, stats_decay=stats_decay,
                             stats_every=stats_every, inverse_every=inverse_every)
-  coverage = KbfgsCoverage(layers=None if layers is None else tuple(tuple(p) for p in layers),
-                           needs=_NEEDS, fisher="empirical")
+  paths, captured_only = layerwise.coverage_layers(method, layers)
+  coverage = KbfgsCoverage(layers=paths, needs=_NEEDS, fisher="empirical",
+                           captured_only=captured_only)
   return engine.transformation(
       Kbfgs(memory=validation.check_structural_int(method, "memory", memory)), coverage,
       damping=damping, stats_decay=stats_decay, stats_every=stats_every,
@@ -341,7 +342,7 @@ def _scale_by_kbfgs_units(*, damping, stats_decay, stats_every, inverse_every, m
 def scale_by_kbfgs(*, damping: ScalarOrSchedule = 1.0, stats_decay: Any = 0.95,
                    stats_every: int = 1, inverse_every: int = 20, memory: int = 100,
                    fallback: Optional[optax.GradientTransformation] = None,
-                   layers: Optional[Sequence[LayerPath]] = None,
+                   layers: Union[None, str, Sequence[LayerPath]] = None,
                    ) -> optax.GradientTransformationExtraArgs:
   """K-BFGS(L) direction `H_a ∇W̄ H_g` of every captured layer. See `soo.kbfgs`.
 
@@ -370,7 +371,7 @@ def kbfgs(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: ScalarOrSched
           inverse_every: int = 20, memory: int = 100,
           fallback: Optional[optax.GradientTransformation] = None,
           fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
-          layers: Optional[Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
+          layers: Union[None, str, Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
   """K-BFGS(L) (Goldfarb, Ren & Bahamou, NeurIPS 2020): `soo.scale_by_kbfgs`, decoupled
   weight decay, momentum and `-learning_rate`.
 
@@ -401,8 +402,11 @@ def kbfgs(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: ScalarOrSched
     fallback: transformation for parameter leaves outside captured layers (default
       `optax.adamw(fallback_learning_rate, weight_decay=weight_decay)`).
     fallback_learning_rate: the default fallback's learning rate.
-    layers: optional explicit list of layer paths to precondition (default: every node
-      with a `kernel` and optional `bias`); the other leaves go to `fallback`.
+    layers: which layers to precondition: `None` (default) every node with a `kernel` and
+      optional `bias`; `'captured'` only those the step's curvature records, so layers the
+      capture leaves out (DenseGeneral, Einsum, ConvTranspose, masked or grouped kernels)
+      are trained by `fallback` (its state then covers every leaf); or an explicit list
+      of layer paths. The other leaves go to `fallback`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` takes `curvature=` and

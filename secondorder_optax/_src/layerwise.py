@@ -122,6 +122,27 @@ def layer_mask(params: Any, infos: Mapping[str, LayerInfo]) -> Any:
   return jax.tree_util.tree_unflatten(treedef, mask)
 
 
+CAPTURED = "captured"
+NOT_CAPTURED = "not captured by this curvature"
+
+
+def coverage_layers(method: str, layers: Any) -> Tuple[Optional[Tuple[LayerPath, ...]], bool]:
+  """`layers=` of a layer-wise method as (explicit paths or `None`, captured_only)."""
+  if isinstance(layers, str):
+    if layers != CAPTURED:
+      raise ValueError(f"{method}: layers= must be None, '{CAPTURED}' or a list of layer "
+                       f"paths, got {layers!r}")
+    return None, True
+  return (None if layers is None else tuple(tuple(p) for p in layers)), False
+
+
+def captured_paths(curvature: Any) -> Optional[set]:
+  """The layer paths a `soo.Curvature` records (`None` for anything else)."""
+  if not isinstance(curvature, Curvature):
+    return None
+  return {tuple(p) for p in curvature.layer_meta}
+
+
 def check_curvature(method: str, curvature: Any, infos: Mapping[str, LayerInfo],
                     needs: str = "per-layer statistics") -> None:
   """Matches `curvature.layer_meta` to the layers found in `params`; clear errors otherwise."""
@@ -152,9 +173,10 @@ def check_curvature(method: str, curvature: Any, infos: Mapping[str, LayerInfo],
   if missing:
     raise ValueError(
         f"{method}: curvature has no statistics for layer(s) {missing} found in params "
-        f"(captured: {sorted(path_to_str(p) for p in by_path)}). Layers the capture does not "
-        f"support (e.g. ConvTranspose, DenseGeneral) must be excluded: pass "
-        f"layers=list(curvature.layers) to the optimizer so their leaves use the fallback.")
+        f"(captured: {sorted(path_to_str(p) for p in by_path)}). The capture leaves out "
+        f"layers it does not support (e.g. DenseGeneral, ConvTranspose, Einsum, masked or "
+        f"grouped kernels): pass layers='{CAPTURED}' to the optimizer so that their leaves "
+        f"go to its fallback (Adam), or an explicit layers=[...].")
 
 
 def is_tracing(tree: Any) -> bool:
@@ -179,11 +201,23 @@ class LayerCoverage(engine.Coverage):
     layers: optional explicit layer paths (default: every kernel/bias node).
     needs: what the method needs from `curvature`, for the missing-curvature error.
     fisher: the capture kind the method accepts (`None`: either).
+    captured_only: precondition only the layers the step's curvature records; the others
+      keep their state and pass their updates through (`layers='captured'`; the full
+      optimizers send those leaves to their first-order fallback).
   """
 
   layers: Optional[Tuple[LayerPath, ...]] = None
   needs: str = "per-layer inputs and output gradients"
   fisher: Optional[str] = None
+  captured_only: bool = False
+
+  def present(self, units, curvature):
+    if not self.captured_only:
+      return units
+    captured = captured_paths(curvature)
+    if captured is None:
+      return units  # source() raises its clear error
+    return {key: info for key, info in units.items() if info.path in captured}
 
   def units(self, method, params, statistics):
     del statistics
@@ -194,7 +228,7 @@ class LayerCoverage(engine.Coverage):
 
   def source(self, method, updates, units, curvature, extra_args):
     del updates, extra_args
-    check_curvature(method, curvature, units, self.needs)
+    check_curvature(method, curvature, self.present(units, curvature), self.needs)
     if self.fisher is not None and curvature.fisher != self.fisher:
       raise ValueError(
           f"{method} expects curvature captured with fisher='{self.fisher}' but got "
@@ -229,9 +263,11 @@ class LayerCoverage(engine.Coverage):
       info = units.get(path_to_str(path[:-1]))
       if info is None:
         rules[path] = f"fallback ({fallback_name})"
+      elif captured is not None and info.path not in captured and self.captured_only:
+        rules[path] = f"fallback ({fallback_name}; {NOT_CAPTURED})"
       elif captured is not None and info.path not in captured:
         rules[path] = (f"{algorithm.name}: NOT CAPTURED by this curvature (update raises); "
-                       f"pass layers=[...] without {info.key} so the fallback trains it")
+                       f"pass layers='{CAPTURED}' so the fallback trains it")
       else:
         rules[path] = f"{algorithm.name}: {algorithm.describe(info)}"
     return rules
@@ -267,8 +303,9 @@ def layer_transformation(algorithm: "engine.Algorithm", *, damping: Any, stats_d
   validation.check_schedule(algorithm.name, damping=damping, stats_decay=stats_decay,
                       stats_every=stats_every, inverse_every=inverse_every,
                       positive_damping=algorithm.positive_damping)
-  coverage = LayerCoverage(layers=None if layers is None else tuple(tuple(p) for p in layers),
-                           needs=needs, fisher=fisher)
+  paths, captured_only = coverage_layers(algorithm.name, layers)
+  coverage = LayerCoverage(layers=paths, needs=needs, fisher=fisher,
+                           captured_only=captured_only)
   return engine.transformation(algorithm, coverage, damping=damping, stats_decay=stats_decay,
                                stats_every=stats_every, inverse_every=inverse_every,
                                fallback=fallback)

@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import jax
 import optax
@@ -155,7 +155,7 @@ def scale_by_seng(
     sequence_layers: Sequence[LayerPath] = (),
     seed: int = 0,
     fallback: Optional[optax.GradientTransformation] = None,
-    layers: Optional[Sequence[LayerPath]] = None,
+    layers: Union[None, str, Sequence[LayerPath]] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SENG preconditioner: the damped empirical natural gradient of every captured layer.
 
@@ -199,8 +199,9 @@ def scale_by_seng(
             "fisher='empirical'")
 
   def init_fn(params):
+    explicit = layerwise.coverage_layers(_METHOD, layers)[0]
     found = {info.path for info in layerwise.find_layers(layerwise.to_pure(params),
-                                                         layers).values()}
+                                                         explicit).values()}
     missing = set(algorithm.sequence_paths) - found
     if missing:
       raise ValueError(f"{_METHOD}: sequence_layers names paths that are not preconditioned "
@@ -227,7 +228,7 @@ def seng(
     seed: int = 0,
     fallback: Optional[optax.GradientTransformation] = None,
     fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
-    layers: Optional[Sequence[LayerPath]] = None,
+    layers: Union[None, str, Sequence[LayerPath]] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SENG optimizer: `scale_by_seng`, decoupled weight decay, momentum, `-learning_rate`.
 
@@ -259,7 +260,11 @@ def seng(
       `optax.adamw(fallback_learning_rate, weight_decay=weight_decay)`, as optax's Muon
       does for non-matrix leaves); `soo.describe(tx, params)` lists the rule of every leaf.
     fallback_learning_rate: the default fallback's learning rate (Adam's own scale).
-    layers: optional explicit list of layer paths to precondition.
+    layers: which layers to precondition: `None` (default) every node with a `kernel` and
+      optional `bias`; `'captured'` only those the step's curvature records, so layers the
+      capture leaves out (DenseGeneral, Einsum, ConvTranspose, masked or grouped kernels)
+      are trained by `fallback` (its state then covers every leaf); or an explicit list
+      of layer paths. As `soo.kfac`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` taking `curvature=` in `update`.

@@ -46,9 +46,9 @@ def unsupported(name: str, what: str, skip: bool) -> None:
   if skip:
     return None
   raise UnsupportedLayerError(
-      f"layer {name} uses {what}, which the curvature capture does not support. Pass "
-      "skip_unsupported=True to leave such layers uncaptured (their parameters then go to "
-      "the optimizer's fallback transformation).")
+      f"layer {name} uses {what}, which the curvature capture does not support. Leave "
+      "skip_unsupported at its default (True) to leave such layers uncaptured, and pass "
+      "layers='captured' to the optimizer so that their parameters go to its fallback.")
 
 
 def check_loss_family(loss_family: Any) -> None:

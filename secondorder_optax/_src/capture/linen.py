@@ -79,13 +79,14 @@ class _Interceptor:
 
 
 def linen_curvature(model: nn.Module, loss_family: LossFamily, *, fisher: str = "sampled",
-                    mutable: Sequence[str] = (), skip_unsupported: bool = False,
+                    mutable: Sequence[str] = (), skip_unsupported: bool = True,
                     defer: bool = True):
   """Builds a function returning loss, gradients and curvature of a linen model.
 
   Every `nn.Dense` and `nn.Conv` of the model (1-D/2-D/3-D, any strides, padding,
-  dilation) is captured. Grouped or masked convolutions raise an error unless
-  `skip_unsupported=True`, which leaves them uncaptured.
+  dilation) is captured. Other layers (DenseGeneral, Einsum, ConvTranspose) and grouped,
+  masked or custom-kernel-function Dense/Conv layers are left uncaptured: pass
+  `layers='captured'` to a layer-wise optimizer so that their leaves go to its fallback.
 
   Args:
     model: a `flax.linen.Module` whose outputs parameterise `loss_family`.
@@ -93,7 +94,8 @@ def linen_curvature(model: nn.Module, loss_family: LossFamily, *, fisher: str = 
     fisher: 'sampled' (targets drawn from the model: true Fisher) or 'empirical'.
     mutable: collections the forward pass updates (e.g. `("batch_stats",)`); when given,
       the function also returns the updated collections.
-    skip_unsupported: leave unsupported layers uncaptured instead of raising.
+    skip_unsupported: `False` raises a clear error at grouped, masked or
+      custom-kernel-function Dense/Conv layers instead of leaving them uncaptured.
     defer: with `fisher="sampled"`, defer the backward pass at the sampled targets until
       the curvature's statistics are read (see `soo.Curvature`): an optimizer that reads
       them only at statistics refreshes then pays for it only there. `False` computes

@@ -238,18 +238,21 @@ def _split_call_kwargs(call_kwargs: Dict[str, Any]):
 
 
 def nnx_curvature(loss_family: LossFamily, *, fisher: str = "sampled",
-                  skip_unsupported: bool = False, defer: bool = True):
+                  skip_unsupported: bool = True, defer: bool = True):
   """Builds a function returning loss, gradients and curvature of an NNX model.
 
   Every `nnx.Linear` and `nnx.Conv` that runs in the model's forward pass (1-D/2-D/3-D, any
   strides, padding, dilation; also inside `nnx.remat` and `nnx.scan`, and shared layers
   called several times) is captured; see the module docstring for the mechanism. Grouped,
-  masked or custom-kernel-function layers raise an error unless `skip_unsupported=True`.
+  masked or custom-kernel-function layers are left uncaptured (as are layers of other
+  kinds): pass `layers='captured'` to a layer-wise optimizer so that their leaves go to
+  its fallback.
 
   Args:
     loss_family: one of `soo.losses.*`; the model's outputs parameterise it.
     fisher: 'sampled' (targets drawn from the model: true Fisher) or 'empirical'.
-    skip_unsupported: leave unsupported layers uncaptured instead of raising.
+    skip_unsupported: `False` raises a clear error at grouped, masked or
+      custom-kernel-function layers instead of leaving them uncaptured.
     defer: with `fisher="sampled"`, defer the backward pass at the sampled targets until
       the statistics are read (see `soo.Curvature` and `soo.linen_curvature`).
 
