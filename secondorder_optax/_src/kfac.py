@@ -249,8 +249,8 @@ def scale_by_tekfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every:
 
 def kfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
          momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
-         kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95, stats_every: int = 5,
-         inverse_every: int = 50, preconditioner_dtype: Any = None,
+         kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95, stats_every: int = 1,
+         inverse_every: int = 20, preconditioner_dtype: Any = None,
          fallback: Optional[optax.GradientTransformation] = None,
          fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
          layers: Union[None, str, Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
@@ -276,10 +276,10 @@ def kfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
     stats_every: statistics are updated at steps where `count % stats_every == 0`.
     inverse_every: inverses (KFAC, TKFAC) or eigenbases (EKFAC, TEKFAC) are refreshed at
       steps where `count % inverse_every == 0`, under `lax.cond`, all same-shape factors
-      of the model in one batched call; a failed refresh keeps the previous one. The
-      full optimizers' defaults (statistics every 5 steps, refreshes every 50) were chosen
-      for wall-clock time to Adam's loss on the MNIST autoencoder (KFAC 55.5 s at 1/20,
-      38.3 s at 5/50; `docs/defaults.md`); the `scale_by_` forms keep 1/20.
+      of the model in one batched call; a failed refresh keeps the previous one. On long
+      runs of MLP-like models `stats_every=5, inverse_every=50` reaches a target faster
+      (MNIST autoencoder: KFAC 38.3 s vs 55.5 s); on a short conv-net run its stale
+      inverses fell behind Adam (`docs/defaults.md`), so the default stays 1 / 20.
     preconditioner_dtype: dtype in which the refreshed preconditioners are stored and
       applied (default: the statistics' dtype, float32 at least); `jnp.bfloat16` halves
       their memory, with float32 sums and a float32 direction.
@@ -316,8 +316,8 @@ def kfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
 
 def tkfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
           momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
-          kl_clip: Optional[float] = 0.01, stats_decay: Any = 0.95, stats_every: int = 5,
-          inverse_every: int = 50, preconditioner_dtype: Any = None,
+          kl_clip: Optional[float] = 0.01, stats_decay: Any = 0.95, stats_every: int = 1,
+          inverse_every: int = 20, preconditioner_dtype: Any = None,
           fallback: Optional[optax.GradientTransformation] = None,
           fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
           layers: Union[None, str, Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
@@ -335,8 +335,8 @@ def tkfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
 
 def ekfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
           momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
-          kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95, stats_every: int = 5,
-          inverse_every: int = 50, preconditioner_dtype: Any = None,
+          kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95, stats_every: int = 1,
+          inverse_every: int = 20, preconditioner_dtype: Any = None,
           fallback: Optional[optax.GradientTransformation] = None,
           fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
           layers: Union[None, str, Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
@@ -355,8 +355,8 @@ def ekfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
 
 def tekfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
            momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
-           kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95, stats_every: int = 5,
-           inverse_every: int = 50, preconditioner_dtype: Any = None,
+           kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95, stats_every: int = 1,
+           inverse_every: int = 20, preconditioner_dtype: Any = None,
            fallback: Optional[optax.GradientTransformation] = None,
            fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
            layers: Union[None, str, Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
