@@ -228,5 +228,8 @@ def test_clear_errors():
   xc = jnp.ones((2, 5, 4))
   pg = grouped.init(jax.random.key(0), xc)["params"]
   with pytest.raises(ValueError, match="grouped convolution"):
+    soo.linen_curvature(grouped, soo.losses.squared_error, skip_unsupported=False)(
+        pg, xc, jnp.ones((2, 5, 4)), jax.random.key(0))
+  with pytest.raises(ValueError, match="no capturable layer"):  # skipped by default
     soo.linen_curvature(grouped, soo.losses.squared_error)(pg, xc, jnp.ones((2, 5, 4)),
                                                           jax.random.key(0))

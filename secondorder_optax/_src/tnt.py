@@ -166,7 +166,7 @@ def tnt(
     >>> curv_fn = jax.jit(soo.linen_curvature(model, soo.losses.squared_error))
     >>> tx = soo.tnt()
     >>> state = tx.init(params)
-    >>> for i in range(20):
+    >>> for i in range(40):
     ...   loss, grads, curvature = curv_fn(params, x, y, jax.random.key(i))
     ...   updates, state = tx.update(grads, state, params, curvature=curvature)
     ...   params = optax.apply_updates(params, updates)
