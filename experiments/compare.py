@@ -319,9 +319,9 @@ def merge_results(paths: Sequence[str], output_dir: str, *,
 
   Every file must come from the same task, dataset, batch size, training-set size and
   seed; the numbers of epochs may differ (a short run of a fast method next to Adam's full
-  run still answers "how long to Adam's final loss"). The runs are concatenated in the order given (a method that appears in several
-  files keeps the runs of the last one) and each method's best run is summarised as in a
-  single comparison.
+  run still answers "how long to Adam's final loss"). The runs are concatenated in the
+  order given (a method that appears in several files keeps the runs of the last one) and
+  each method's best run is summarised as in a single comparison.
   """
   loaded = [json.load(open(p if p.endswith(".json") else os.path.join(p, "results.json")))
             for p in paths]

@@ -114,8 +114,6 @@ PRECONDITIONED, FALLBACK = "preconditioned", "fallback"
 def layer_labels(tree: Any, layers=None) -> Any:
   """`"preconditioned"` for the leaves of the layers a layer-wise method covers in `tree`
   (params or updates), `"fallback"` for the others."""
-  if layers == layerwise.CAPTURED:
-    layers = None
   outside = layerwise.layer_mask(tree, layerwise.find_layers(tree, layers))
   return jax.tree.map(lambda out: FALLBACK if out else PRECONDITIONED, outside)
 
@@ -133,7 +131,6 @@ def route_by_capture(second_order: optax.GradientTransformation,
   second_order = optax.masked(
       second_order, lambda tree: jax.tree.map(lambda label: label == PRECONDITIONED,
                                               layer_labels(tree)))
-  fallback = optax.with_extra_args_support(fallback)
 
   def init_fn(params):
     return optax.PartitionState({PRECONDITIONED: second_order.init(params),

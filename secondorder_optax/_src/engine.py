@@ -439,7 +439,8 @@ class Coverage(abc.ABC):
   @abc.abstractmethod
   def source(self, method: str, updates: Any, units: Dict[str, Any], curvature: Any,
              extra_args: Dict[str, Any]) -> Any:
-    """What the data is read from (checked now, with clear errors)."""
+    """What the data of `units` (this step's `present` ones) is read from (checked now,
+    with clear errors)."""
 
   @abc.abstractmethod
   def read(self, source: Any, units: Dict[str, Any]) -> Dict[str, Any]:
@@ -555,11 +556,11 @@ def transformation(algorithm: Algorithm, coverage: Coverage, *, damping: ScalarO
     check_leaf_shapes(method, state.spec.leaf_shapes, updates)
     params = None if params is None else layerwise.to_pure(params)
     units = coverage.units(method, updates if params is None else params, state.statistics)
-    source = coverage.source(method, updates, units, curvature, extra_args)
+    present = coverage.present(units, curvature)
+    source = coverage.source(method, updates, present, curvature, extra_args)
     hyper = settings(state.count, damping=damping, stats_decay=stats_decay,
                      stats_every=stats_every, inverse_every=inverse_every,
                      step_hyperparameters=step_hyperparameters)
-    present = coverage.present(units, curvature)
     out, active, refreshed = _step(updates, source, _only(state, present), hyper,
                                    algorithm=algorithm, coverage=coverage,
                                    unit_items=tuple(present.items()))

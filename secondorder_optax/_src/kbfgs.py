@@ -371,7 +371,8 @@ def kbfgs(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: ScalarOrSched
           inverse_every: int = 20, memory: int = 100,
           fallback: Optional[optax.GradientTransformation] = None,
           fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
-          layers: Union[None, str, Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
+          layers: Union[None, str, Sequence[LayerPath]] = None
+          ) -> optax.GradientTransformationExtraArgs:
   """K-BFGS(L) (Goldfarb, Ren & Bahamou, NeurIPS 2020): `soo.scale_by_kbfgs`, decoupled
   weight decay, momentum and `-learning_rate`.
 
@@ -402,11 +403,8 @@ def kbfgs(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: ScalarOrSched
     fallback: transformation for parameter leaves outside captured layers (default
       `optax.adamw(fallback_learning_rate, weight_decay=weight_decay)`).
     fallback_learning_rate: the default fallback's learning rate.
-    layers: which layers to precondition: `None` (default) every node with a `kernel` and
-      optional `bias`; `'captured'` only those the step's curvature records, so layers the
-      capture leaves out (DenseGeneral, Einsum, ConvTranspose, masked or grouped kernels)
-      are trained by `fallback` (its state then covers every leaf); or an explicit list
-      of layer paths. The other leaves go to `fallback`.
+    layers: as `soo.kfac`: `None` (every kernel/bias node), `'captured'` (the layers the
+      step's curvature records; the others go to `fallback`) or an explicit list of paths.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` takes `curvature=` and

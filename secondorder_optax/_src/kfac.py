@@ -253,7 +253,8 @@ def kfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
          inverse_every: int = 20, preconditioner_dtype: Any = None,
          fallback: Optional[optax.GradientTransformation] = None,
          fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
-         layers: Union[None, str, Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
+         layers: Union[None, str, Sequence[LayerPath]] = None
+         ) -> optax.GradientTransformationExtraArgs:
   """KFAC: `soo.scale_by_kfac`, decoupled weight decay, momentum and `-learning_rate`.
 
   The arguments below are shared by `soo.tkfac`, `soo.ekfac` and `soo.tekfac` (and their
@@ -320,7 +321,8 @@ def tkfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
           inverse_every: int = 20, preconditioner_dtype: Any = None,
           fallback: Optional[optax.GradientTransformation] = None,
           fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
-          layers: Union[None, str, Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
+          layers: Union[None, str, Sequence[LayerPath]] = None
+          ) -> optax.GradientTransformationExtraArgs:
   """TKFAC: `soo.scale_by_tkfac`, weight decay, momentum, `-learning_rate`.
 
   Arguments as `soo.kfac`.
@@ -339,7 +341,8 @@ def ekfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
           inverse_every: int = 20, preconditioner_dtype: Any = None,
           fallback: Optional[optax.GradientTransformation] = None,
           fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
-          layers: Union[None, str, Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
+          layers: Union[None, str, Sequence[LayerPath]] = None
+          ) -> optax.GradientTransformationExtraArgs:
   """EKFAC: `soo.scale_by_ekfac`, weight decay, momentum, `-learning_rate`.
 
   Arguments as `soo.kfac`; `inverse_every` refreshes the eigenbases, the scalings are
@@ -359,7 +362,8 @@ def tekfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
            inverse_every: int = 20, preconditioner_dtype: Any = None,
            fallback: Optional[optax.GradientTransformation] = None,
            fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
-           layers: Union[None, str, Sequence[LayerPath]] = None) -> optax.GradientTransformationExtraArgs:
+           layers: Union[None, str, Sequence[LayerPath]] = None
+           ) -> optax.GradientTransformationExtraArgs:
   """TEKFAC: `soo.scale_by_tekfac`, weight decay, momentum, `-learning_rate`.
 
   Arguments as `soo.kfac` (`inverse_every` refreshes the eigenbases).

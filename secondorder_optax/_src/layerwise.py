@@ -216,7 +216,7 @@ class LayerCoverage(engine.Coverage):
       return units
     captured = captured_paths(curvature)
     if captured is None:
-      return units  # source() raises its clear error
+      return units  # source() raises its clear error about the missing curvature
     return {key: info for key, info in units.items() if info.path in captured}
 
   def units(self, method, params, statistics):
@@ -228,7 +228,7 @@ class LayerCoverage(engine.Coverage):
 
   def source(self, method, updates, units, curvature, extra_args):
     del updates, extra_args
-    check_curvature(method, curvature, self.present(units, curvature), self.needs)
+    check_curvature(method, curvature, units, self.needs)
     if self.fisher is not None and curvature.fisher != self.fisher:
       raise ValueError(
           f"{method} expects curvature captured with fisher='{self.fisher}' but got "

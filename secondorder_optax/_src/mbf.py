@@ -276,11 +276,8 @@ def mbf(
       `optax.adamw(fallback_learning_rate, weight_decay=weight_decay)`, as optax's Muon
       does for non-matrix leaves); `soo.describe(tx, params)` lists the rule of every leaf.
     fallback_learning_rate: the default fallback's learning rate (Adam's own scale).
-    layers: which layers to precondition: `None` (default) every node with a `kernel` and
-      optional `bias`; `'captured'` only those the step's curvature records, so layers the
-      capture leaves out (DenseGeneral, Einsum, ConvTranspose, masked or grouped kernels)
-      are trained by `fallback` (its state then covers every leaf); or an explicit list
-      of layer paths. As `soo.kfac`.
+    layers: as `soo.kfac`: `None` (every kernel/bias node), `'captured'` (the layers the
+      step's curvature records; the others go to `fallback`) or an explicit list of paths.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` takes `curvature=`. Under
