@@ -33,7 +33,7 @@ import json
 import math
 import os
 import platform
-import re
+
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -105,16 +105,7 @@ def parse_settings(items: Sequence[str]) -> Dict[str, Any]:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
       raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-    lowered = text.strip().lower()
-    if lowered in ("none", "null"):
-      value = None
-    elif lowered in ("true", "false"):
-      value = lowered == "true"
-    else:
-      try:
-        value = int(text) if re.fullmatch(r"[+-]?\d+", text.strip()) else float(text)
-      except ValueError:
-        value = text.strip()
+    value = methods_lib.parse_value(text)
     settings[key.strip()] = value
   return settings
 

@@ -35,28 +35,12 @@ TASKS = {
 }
 
 
-def parse_value(text: str) -> Any:
-  lowered = text.lower()
-  if lowered in ("none", "null"):
-    return None
-  if lowered in ("true", "false"):
-    return lowered == "true"
-  try:
-    return int(text)
-  except ValueError:
-    pass
-  try:
-    return float(text)
-  except ValueError:
-    return text
-
-
 def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
   """`["learning_rate=0.1,1", "damping=0.1"]` -> `{"learning_rate": [0.1, 1], ...}`."""
   grid = {}
   for item in items:
     key, _, values = item.partition("=")
-    grid[key] = [parse_value(v) for v in values.split(",")]
+    grid[key] = [methods_lib.parse_value(v) for v in values.split(",")]
   return grid
 
 
@@ -112,7 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         final = result.get("train_loss", [math.nan])[-1]
         print(f"{task_name:10s} {name:8s} {point} -> {final:.4g}", flush=True)
         with open(args.out, "a") as f:
-          f.write(json.dumps(line) + "\n")
+          f.write(json.dumps(line, default=str) + "\n")
 
 
 if __name__ == "__main__":

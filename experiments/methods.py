@@ -392,3 +392,23 @@ def available_names() -> Tuple[str, ...]:
 def available_methods() -> Tuple[Method, ...]:
   """Every method of the registry that exists in the installed library, in order."""
   return tuple(get_method(name) for name in available_names())
+
+
+def parse_value(text: str) -> Any:
+  """A command-line hyperparameter: `none`, `true`/`false`, an int, a float,
+  `growing:N[:R]` (`soo.growing_period(N, refreshes_per_stage=R)`), or else the text itself."""
+  text = text.strip()
+  lowered = text.lower()
+  if lowered in ("none", "null"):
+    return None
+  if lowered in ("true", "false"):
+    return lowered == "true"
+  if lowered.startswith("growing:"):
+    every, _, per_stage = lowered.partition(":")[2].partition(":")
+    return soo.growing_period(int(every), refreshes_per_stage=int(per_stage or 2))
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text

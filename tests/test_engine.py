@@ -167,6 +167,41 @@ def test_bad_arguments_name_the_method_and_argument(method):
       factory(**dict(hparams, **{name: value}))
 
 
+def test_growing_periods_refresh_often_early_then_every_period():
+  """`soo.growing_period`: statistics and inverses at counts where `count % period == 0`,
+  the period doubling after every two refreshes up to its cap."""
+  params = {"w": jnp.ones((3, 2)), "v": jnp.ones((4,))}
+  tx = soo.scale_by_tnt(damping=0.1, stats_every=soo.growing_period(3),
+                        inverse_every=soo.growing_period(8))
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  stats_steps, inverse_steps = [], []
+  leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
+  for count in range(40):
+    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(count), x.shape), params)
+    _, new = step(grads, state)
+    if any(not np.array_equal(a, b) for a, b in zip(leaves(new.statistics),
+                                                     leaves(state.statistics))):
+      stats_steps.append(count)
+    if any(not np.array_equal(a, b) for a, b in zip(leaves(new.preconditioner),
+                                                     leaves(state.preconditioner))):
+      inverse_steps.append(count)
+    state = new
+  assert stats_steps == [0, 1, 2, 4, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39]
+  assert inverse_steps == [0, 1, 2, 4, 8, 12, 16, 24, 32]
+  assert step._cache_size() == 1
+
+
+def test_bad_periods_are_rejected_with_their_names():
+  for bad in (0, 2.5, -3, True):
+    with pytest.raises(ValueError, match="growing_period: every must be an integer >= 1"):
+      soo.growing_period(bad)
+  with pytest.raises(ValueError, match="refreshes_per_stage must be an integer >= 1"):
+    soo.growing_period(10, refreshes_per_stage=0)
+  with pytest.raises(ValueError, match="kfac: inverse_every must be an integer >= 1 or a sched"):
+    soo.kfac(inverse_every=lambda count: 0 * count)
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_update_on_other_parameters_names_the_leaf(method):
   params, x, y, curv_fn = _problem(method)

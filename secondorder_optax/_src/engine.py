@@ -155,6 +155,13 @@ class Settings(NamedTuple):
   step: Dict[str, Array]
 
 
+def period_value(every: Any, count: Array) -> Array:
+  """A refresh period at step `count`: an integer, or a schedule such as
+  `soo.growing_period` (never below 1)."""
+  value = every(count) if callable(every) else every
+  return jnp.maximum(jnp.asarray(value, jnp.int32), 1)
+
+
 def settings(count: Array, *, damping: ScalarOrSchedule, stats_decay: Any, stats_every: Any,
              inverse_every: Any, step_hyperparameters: Optional[Dict[str, Any]] = None
              ) -> Settings:
@@ -162,8 +169,8 @@ def settings(count: Array, *, damping: ScalarOrSchedule, stats_decay: Any, stats
   return Settings(
       damping=hyperparameter_value(damping, count),
       stats_decay=None if stats_decay is None else hyperparameter_value(stats_decay, count),
-      stats_every=jnp.asarray(stats_every, jnp.int32),
-      inverse_every=jnp.asarray(inverse_every, jnp.int32),
+      stats_every=period_value(stats_every, count),
+      inverse_every=period_value(inverse_every, count),
       step={name: hyperparameter_value(value, count)
             for name, value in (step_hyperparameters or {}).items()})
 
@@ -327,8 +334,9 @@ def refresh_units(algorithm: Algorithm, units: Dict[str, Any], statistics: Dict[
 # One step.
 
 
-def is_due(count: Array, every: Any) -> Array:
-  """True at steps where `count % every == 0` (step 0 always)."""
+def is_due(count: Array, every: Array) -> Array:
+  """True at steps where `count % every == 0` (step 0 always; `every` is this step's
+  period)."""
   return count % every == 0
 
 

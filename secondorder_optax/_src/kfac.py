@@ -37,6 +37,7 @@ from secondorder_optax._src.kronecker import (TINY, EigenBases, KroneckerFactors
                                               eigen_scalings, kronecker_factors, layer_view,
                                               trace_restricted_factors,
                                               transposed_bases)
+from secondorder_optax._src.periods import INVERSE_EVERY, STATS_EVERY, Period
 
 Array = jax.Array
 
@@ -170,8 +171,8 @@ def _scale_by(algorithm_type, *, damping, stats_decay, stats_every, inverse_ever
       inverse_every=inverse_every, fallback=fallback, layers=layers)
 
 
-def scale_by_kfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: int = 1,
-                  inverse_every: int = 20, preconditioner_dtype: Any = None,
+def scale_by_kfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: Period = STATS_EVERY,
+                  inverse_every: Period = INVERSE_EVERY, preconditioner_dtype: Any = None,
                   fallback: Optional[optax.GradientTransformation] = None,
                   layers: Union[None, str, Sequence[LayerPath]] = None,
                   ) -> optax.GradientTransformationExtraArgs:
@@ -194,8 +195,8 @@ def scale_by_kfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: i
   return _scale_by(KFAC, **locals())
 
 
-def scale_by_tkfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: int = 1,
-                   inverse_every: int = 20, preconditioner_dtype: Any = None,
+def scale_by_tkfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: Period = STATS_EVERY,
+                   inverse_every: Period = INVERSE_EVERY, preconditioner_dtype: Any = None,
                    fallback: Optional[optax.GradientTransformation] = None,
                    layers: Union[None, str, Sequence[LayerPath]] = None,
                    ) -> optax.GradientTransformationExtraArgs:
@@ -212,8 +213,8 @@ def scale_by_tkfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: 
   return _scale_by(TKFAC, **locals())
 
 
-def scale_by_ekfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: int = 1,
-                   inverse_every: int = 20, preconditioner_dtype: Any = None,
+def scale_by_ekfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: Period = STATS_EVERY,
+                   inverse_every: Period = INVERSE_EVERY, preconditioner_dtype: Any = None,
                    fallback: Optional[optax.GradientTransformation] = None,
                    layers: Union[None, str, Sequence[LayerPath]] = None,
                    ) -> optax.GradientTransformationExtraArgs:
@@ -229,8 +230,8 @@ def scale_by_ekfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: 
   return _scale_by(EKFAC, **locals())
 
 
-def scale_by_tekfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: int = 1,
-                    inverse_every: int = 20, preconditioner_dtype: Any = None,
+def scale_by_tekfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: Period = STATS_EVERY,
+                    inverse_every: Period = INVERSE_EVERY, preconditioner_dtype: Any = None,
                     fallback: Optional[optax.GradientTransformation] = None,
                     layers: Union[None, str, Sequence[LayerPath]] = None,
                     ) -> optax.GradientTransformationExtraArgs:
@@ -249,8 +250,8 @@ def scale_by_tekfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every:
 
 def kfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
          momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
-         kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95, stats_every: int = 1,
-         inverse_every: int = 20, preconditioner_dtype: Any = None,
+         kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95, stats_every: Period = STATS_EVERY,
+         inverse_every: Period = INVERSE_EVERY, preconditioner_dtype: Any = None,
          fallback: Optional[optax.GradientTransformation] = None,
          fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
          layers: Union[None, str, Sequence[LayerPath]] = None
@@ -274,13 +275,15 @@ def kfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
       `docs/defaults.md`).
     stats_decay: weight of the old value in the running averages of the statistics; the
       first finite statistic initialises them.
-    stats_every: statistics are updated at steps where `count % stats_every == 0`.
+    stats_every: statistics are updated at steps where `count % stats_every == 0`: an
+      integer, or a schedule `count -> period`. Default `soo.growing_period(5)`: every
+      step at first, the period doubling after every two updates up to 5.
     inverse_every: inverses (KFAC, TKFAC) or eigenbases (EKFAC, TEKFAC) are refreshed at
       steps where `count % inverse_every == 0`, under `lax.cond`, all same-shape factors
-      of the model in one batched call; a failed refresh keeps the previous one. On long
-      runs of MLP-like models `stats_every=5, inverse_every=50` reaches a target faster
-      (MNIST autoencoder: KFAC 38.3 s vs 55.5 s); on a short conv-net run its stale
-      inverses fell behind Adam (`docs/defaults.md`), so the default stays 1 / 20.
+      of the model in one batched call; a failed refresh keeps the previous one. Default
+      `soo.growing_period(50)`: steps 0, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, then
+      every 50 (fresh inverses while the curvature changes fast, cheap steps later;
+      `docs/defaults.md`).
     preconditioner_dtype: dtype in which the refreshed preconditioners are stored and
       applied (default: the statistics' dtype, float32 at least); `jnp.bfloat16` halves
       their memory, with float32 sums and a float32 direction.
@@ -317,8 +320,8 @@ def kfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
 
 def tkfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
           momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
-          kl_clip: Optional[float] = 0.01, stats_decay: Any = 0.95, stats_every: int = 1,
-          inverse_every: int = 20, preconditioner_dtype: Any = None,
+          kl_clip: Optional[float] = 0.01, stats_decay: Any = 0.95, stats_every: Period = STATS_EVERY,
+          inverse_every: Period = INVERSE_EVERY, preconditioner_dtype: Any = None,
           fallback: Optional[optax.GradientTransformation] = None,
           fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
           layers: Union[None, str, Sequence[LayerPath]] = None
@@ -337,8 +340,8 @@ def tkfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
 
 def ekfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
           momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
-          kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95, stats_every: int = 1,
-          inverse_every: int = 20, preconditioner_dtype: Any = None,
+          kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95, stats_every: Period = STATS_EVERY,
+          inverse_every: Period = INVERSE_EVERY, preconditioner_dtype: Any = None,
           fallback: Optional[optax.GradientTransformation] = None,
           fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
           layers: Union[None, str, Sequence[LayerPath]] = None
@@ -358,8 +361,8 @@ def ekfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
 
 def tekfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
            momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
-           kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95, stats_every: int = 1,
-           inverse_every: int = 20, preconditioner_dtype: Any = None,
+           kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95, stats_every: Period = STATS_EVERY,
+           inverse_every: Period = INVERSE_EVERY, preconditioner_dtype: Any = None,
            fallback: Optional[optax.GradientTransformation] = None,
            fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
            layers: Union[None, str, Sequence[LayerPath]] = None

@@ -41,6 +41,7 @@ from secondorder_optax._src.base import LayerPath, ScalarOrSchedule, path_to_str
 from secondorder_optax._src.damping import relative as relative_damping
 from secondorder_optax._src.layerwise import LayerInfo
 from secondorder_optax._src.mini_blocks import MBFPartition, MiniBlocks, packed_size, unpack
+from secondorder_optax._src.periods import INVERSE_EVERY, STATS_EVERY, Period
 
 Array = jax.Array
 _HIGHEST = lax.Precision.HIGHEST
@@ -149,8 +150,8 @@ def scale_by_mbf(
     *,
     damping: ScalarOrSchedule = 1.0,
     stats_decay: ScalarOrSchedule = 0.95,
-    stats_every: int = 1,
-    inverse_every: int = 20,
+    stats_every: Period = STATS_EVERY,
+    inverse_every: Period = INVERSE_EVERY,
     block_size: int = 16,
     fisher: str = "empirical",
     preconditioner_dtype: Any = None,
@@ -236,8 +237,8 @@ def mbf(
     weight_decay: float = 0.0,
     kl_clip: Optional[float] = 0.01,
     stats_decay: ScalarOrSchedule = 0.95,
-    stats_every: int = 1,
-    inverse_every: int = 20,
+    stats_every: Period = STATS_EVERY,
+    inverse_every: Period = INVERSE_EVERY,
     block_size: int = 16,
     fisher: str = "empirical",
     preconditioner_dtype: Any = None,
@@ -259,10 +260,11 @@ def mbf(
     kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
       (`soo.clip_by_kl`).
     stats_decay: EMA weight of the old statistics.
-    stats_every: statistics are updated at steps with `count % stats_every == 0`.
-    inverse_every: inverses are recomputed at steps with `count % inverse_every == 0`.
-      `stats_every=5, inverse_every=50` reached Adam's loss on the MNIST autoencoder in
-      75.2 s instead of 196.3 s (`docs/defaults.md`).
+    stats_every: statistics are updated at steps with `count % stats_every == 0` (an
+      integer or a schedule `count -> period`; default `soo.growing_period(5)`).
+    inverse_every: inverses are recomputed at steps with `count % inverse_every == 0`;
+      default `soo.growing_period(50)`, frequent early and every 50 steps later
+      (`docs/defaults.md`).
     block_size: chunk length of the default `MiniBlocks` partition of dense kernels.
     fisher: which capture the statistics must come from, `"empirical"` (default, the
       paper's) or `"sampled"`; a curvature with the other `fisher` raises a `ValueError`.

@@ -26,6 +26,7 @@ from secondorder_optax._src import alias, linalg, validation
 from secondorder_optax._src import tensor_modes as tm
 from secondorder_optax._src.base import ScalarOrSchedule
 from secondorder_optax._src.damping import relative as relative_damping
+from secondorder_optax._src.periods import INVERSE_EVERY, STATS_EVERY, Period
 
 Array = jax.Array
 _GRAFTS = ("rmsprop", "adam")
@@ -107,8 +108,8 @@ def scale_by_shampoo(
     *,
     damping: ScalarOrSchedule = 1e-3,
     stats_decay: Optional[ScalarOrSchedule] = 0.9,
-    stats_every: int = 1,
-    inverse_every: int = 20,
+    stats_every: Period = STATS_EVERY,
+    inverse_every: Period = INVERSE_EVERY,
     max_factor_dim: int = 2048,
     preconditioner_dtype: Any = None,
     graft: Optional[str] = None,
@@ -156,8 +157,8 @@ def shampoo(
     weight_decay: float = 0.0,
     kl_clip: Optional[float] = None,
     stats_decay: Optional[ScalarOrSchedule] = 0.9,
-    stats_every: int = 1,
-    inverse_every: int = 20,
+    stats_every: Period = STATS_EVERY,
+    inverse_every: Period = INVERSE_EVERY,
     max_factor_dim: int = 2048,
     preconditioner_dtype: Any = None,
     graft: Optional[str] = "adam",
@@ -182,8 +183,11 @@ def shampoo(
       (`soo.clip_by_kl`).
     stats_decay: EMA weight of the old statistics (the first finite statistic
       initialises them); `None` sums the statistics over steps as in the original paper.
-    stats_every: update the statistics at steps where `count % stats_every == 0`.
-    inverse_every: recompute the roots at steps where `count % inverse_every == 0`.
+    stats_every: update the statistics at steps where `count % stats_every == 0` (an
+      integer or a schedule `count -> period`; default `soo.growing_period(5)`).
+    inverse_every: recompute the roots at steps where `count % inverse_every == 0`;
+      default `soo.growing_period(50)`, frequent early and every 50 steps later
+      (`docs/defaults.md`).
     max_factor_dim: modes larger than this keep a diagonal statistic.
     preconditioner_dtype: dtype in which the roots are stored and applied (default: the
       statistics' dtype, float32 at least); `jnp.bfloat16` halves their memory and, where

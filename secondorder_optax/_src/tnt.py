@@ -28,6 +28,7 @@ from secondorder_optax._src import alias, linalg, validation
 from secondorder_optax._src import tensor_modes as tm
 from secondorder_optax._src.base import ScalarOrSchedule
 from secondorder_optax._src.damping import relative as relative_damping
+from secondorder_optax._src.periods import INVERSE_EVERY, STATS_EVERY, Period
 
 Array = jax.Array
 
@@ -68,8 +69,8 @@ def scale_by_tnt(
     *,
     damping: ScalarOrSchedule = 1.0,
     stats_decay: ScalarOrSchedule = 0.9,
-    stats_every: int = 1,
-    inverse_every: int = 20,
+    stats_every: Period = STATS_EVERY,
+    inverse_every: Period = INVERSE_EVERY,
     max_factor_dim: int = 2048,
     preconditioner_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -110,8 +111,8 @@ def tnt(
     weight_decay: float = 0.0,
     kl_clip: Optional[float] = 0.03,
     stats_decay: ScalarOrSchedule = 0.9,
-    stats_every: int = 1,
-    inverse_every: int = 20,
+    stats_every: Period = STATS_EVERY,
+    inverse_every: Period = INVERSE_EVERY,
     max_factor_dim: int = 2048,
     preconditioner_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -142,11 +143,11 @@ def tnt(
       inputs ×1e4, 30 steps took a tiny MLP from 1.25 to 0.70 at 0.01, to 0.45 at 0.03).
     stats_decay: EMA weight of the old statistics (the first finite statistic initialises
       them).
-    stats_every: update the statistics at steps where `count % stats_every == 0`.
+    stats_every: update the statistics at steps where `count % stats_every == 0` (an
+      integer or a schedule `count -> period`; default `soo.growing_period(5)`).
     inverse_every: recompute the inverses at steps where `count % inverse_every == 0`
-      (a failed refresh keeps the previous inverses). `stats_every=5,
-      inverse_every=50` reached Adam's loss on the MNIST autoencoder in 47.2 s instead
-      of 84.3 s (`docs/defaults.md`).
+      (a failed refresh keeps the previous inverses); default `soo.growing_period(50)`,
+      frequent early and every 50 steps later (`docs/defaults.md`).
     max_factor_dim: modes larger than this keep a diagonal factor.
     preconditioner_dtype: dtype in which the inverses are stored and applied (default:
       the statistics' dtype, float32 at least); `jnp.bfloat16` halves their memory and,

@@ -43,12 +43,15 @@ def check_damping(method: str, value: Any, *, positive: bool = False) -> None:
 
 
 def check_period(method: str, name: str, value: Any) -> None:
-  """Refresh periods (`stats_every`, `inverse_every`): integers >= 1, or traced."""
-  if isinstance(value, jax.core.Tracer):
+  """Refresh periods (`stats_every`, `inverse_every`): integers >= 1, traced, or schedules
+  `count -> period` (such as `soo.growing_period(50)`, checked at step 0)."""
+  number = value(0) if callable(value) else value  # a schedule: its period at step 0
+  if isinstance(number, jax.core.Tracer):
     return
-  number = concrete(value)
+  number = concrete(number)
   if number is None or isinstance(number, bool) or int(number) != number or number < 1:
-    raise ValueError(f"{method}: {name} must be an integer >= 1, got {value!r}")
+    raise ValueError(f"{method}: {name} must be an integer >= 1 or a schedule of integers "
+                     f">= 1, got {value!r}")
 
 
 def check_decay(method: str, value: Any, *, allow_none: bool = False) -> None:
