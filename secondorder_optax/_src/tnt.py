@@ -136,7 +136,8 @@ def tnt(
       (at 1, the MNIST autoencoder's first 50 steps ended at 184.3, at 3 at 152.0; digits
       MLP 0.059 vs 0.013; `docs/defaults.md`).
     momentum: `β` of the EMA of the preconditioned directions (`optax.ema(β, debias=True)`);
-      `None` or 0 for none.
+      `None` or 0 for none (faster on large low-noise batches, slower on noisy ones: see
+      `soo.kfac` and `docs/defaults.md`).
     weight_decay: decoupled weight decay coefficient.
     kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
       (`soo.clip_by_kl`); 0.03 by default, looser than the Kronecker methods' 0.01 (with
