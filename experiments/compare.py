@@ -33,7 +33,6 @@ import json
 import math
 import os
 import platform
-
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -105,8 +104,7 @@ def parse_settings(items: Sequence[str]) -> Dict[str, Any]:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
       raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-    value = methods_lib.parse_value(text)
-    settings[key.strip()] = value
+    settings[key.strip()] = methods_lib.parse_value(text)
   return settings
 
 

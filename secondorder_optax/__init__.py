@@ -20,8 +20,8 @@ from secondorder_optax._src.kbfgs import (KbfgsPreconditioner, KbfgsState, Kbfgs
 from secondorder_optax._src.kl_clip import KLClipState, clip_by_kl
 from secondorder_optax._src.kronecker import EigenBases, KroneckerFactors, KroneckerInverses
 from secondorder_optax._src.mbf import mbf, scale_by_mbf
-from secondorder_optax._src.periods import GrowingPeriod, growing_period
 from secondorder_optax._src.mini_blocks import MBFPartition, MiniBlocks, RowBlocks
+from secondorder_optax._src.periods import GrowingPeriod, growing_period
 from secondorder_optax._src.seng import scale_by_seng, seng
 from secondorder_optax._src.seng_factors import (ExplicitFactors, OuterProductFactors,
                                                 SengLayerState, SengPlan)

@@ -268,11 +268,12 @@ def path_to_str(path: LayerPath) -> str:
   return "/".join(str(p) for p in path)
 
 
-def hyperparameter_value(value: ScalarOrSchedule, count: Array) -> Array:
+def hyperparameter_value(value: ScalarOrSchedule, count: Array, dtype: Any = jnp.float32
+                         ) -> Array:
   """Reads a hyperparameter that is a number, an array or an optax schedule of `count`."""
   if callable(value):
-    return jnp.asarray(value(count), jnp.float32)
-  return jnp.asarray(value, jnp.float32)
+    return jnp.asarray(value(count), dtype)
+  return jnp.asarray(value, dtype)
 
 
 def running_average(old: Any, new: Any, decay: ScalarOrSchedule, first: Array) -> Any:

@@ -158,8 +158,7 @@ class Settings(NamedTuple):
 def period_value(every: Any, count: Array) -> Array:
   """A refresh period at step `count`: an integer, or a schedule such as
   `soo.growing_period` (never below 1)."""
-  value = every(count) if callable(every) else every
-  return jnp.maximum(jnp.asarray(value, jnp.int32), 1)
+  return jnp.maximum(hyperparameter_value(every, count, jnp.int32), 1)
 
 
 def settings(count: Array, *, damping: ScalarOrSchedule, stats_decay: Any, stats_every: Any,

@@ -171,8 +171,9 @@ def _scale_by(algorithm_type, *, damping, stats_decay, stats_every, inverse_ever
       inverse_every=inverse_every, fallback=fallback, layers=layers)
 
 
-def scale_by_kfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: Period = STATS_EVERY,
-                  inverse_every: Period = INVERSE_EVERY, preconditioner_dtype: Any = None,
+def scale_by_kfac(*, damping: Any = 1.0, stats_decay: Any = 0.95,
+                  stats_every: Period = STATS_EVERY, inverse_every: Period = INVERSE_EVERY,
+                  preconditioner_dtype: Any = None,
                   fallback: Optional[optax.GradientTransformation] = None,
                   layers: Union[None, str, Sequence[LayerPath]] = None,
                   ) -> optax.GradientTransformationExtraArgs:
@@ -195,8 +196,9 @@ def scale_by_kfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: P
   return _scale_by(KFAC, **locals())
 
 
-def scale_by_tkfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: Period = STATS_EVERY,
-                   inverse_every: Period = INVERSE_EVERY, preconditioner_dtype: Any = None,
+def scale_by_tkfac(*, damping: Any = 1.0, stats_decay: Any = 0.95,
+                   stats_every: Period = STATS_EVERY, inverse_every: Period = INVERSE_EVERY,
+                   preconditioner_dtype: Any = None,
                    fallback: Optional[optax.GradientTransformation] = None,
                    layers: Union[None, str, Sequence[LayerPath]] = None,
                    ) -> optax.GradientTransformationExtraArgs:
@@ -213,8 +215,9 @@ def scale_by_tkfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: 
   return _scale_by(TKFAC, **locals())
 
 
-def scale_by_ekfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: Period = STATS_EVERY,
-                   inverse_every: Period = INVERSE_EVERY, preconditioner_dtype: Any = None,
+def scale_by_ekfac(*, damping: Any = 1.0, stats_decay: Any = 0.95,
+                   stats_every: Period = STATS_EVERY, inverse_every: Period = INVERSE_EVERY,
+                   preconditioner_dtype: Any = None,
                    fallback: Optional[optax.GradientTransformation] = None,
                    layers: Union[None, str, Sequence[LayerPath]] = None,
                    ) -> optax.GradientTransformationExtraArgs:
@@ -230,8 +233,9 @@ def scale_by_ekfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: 
   return _scale_by(EKFAC, **locals())
 
 
-def scale_by_tekfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every: Period = STATS_EVERY,
-                    inverse_every: Period = INVERSE_EVERY, preconditioner_dtype: Any = None,
+def scale_by_tekfac(*, damping: Any = 1.0, stats_decay: Any = 0.95,
+                    stats_every: Period = STATS_EVERY, inverse_every: Period = INVERSE_EVERY,
+                    preconditioner_dtype: Any = None,
                     fallback: Optional[optax.GradientTransformation] = None,
                     layers: Union[None, str, Sequence[LayerPath]] = None,
                     ) -> optax.GradientTransformationExtraArgs:
@@ -250,8 +254,9 @@ def scale_by_tekfac(*, damping: Any = 1.0, stats_decay: Any = 0.95, stats_every:
 
 def kfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
          momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
-         kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95, stats_every: Period = STATS_EVERY,
-         inverse_every: Period = INVERSE_EVERY, preconditioner_dtype: Any = None,
+         kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95,
+         stats_every: Period = STATS_EVERY, inverse_every: Period = INVERSE_EVERY,
+         preconditioner_dtype: Any = None,
          fallback: Optional[optax.GradientTransformation] = None,
          fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
          layers: Union[None, str, Sequence[LayerPath]] = None
@@ -324,8 +329,9 @@ def kfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
 
 def tkfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
           momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
-          kl_clip: Optional[float] = 0.01, stats_decay: Any = 0.95, stats_every: Period = STATS_EVERY,
-          inverse_every: Period = INVERSE_EVERY, preconditioner_dtype: Any = None,
+          kl_clip: Optional[float] = 0.01, stats_decay: Any = 0.95,
+          stats_every: Period = STATS_EVERY, inverse_every: Period = INVERSE_EVERY,
+          preconditioner_dtype: Any = None,
           fallback: Optional[optax.GradientTransformation] = None,
           fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
           layers: Union[None, str, Sequence[LayerPath]] = None
@@ -344,8 +350,9 @@ def tkfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
 
 def ekfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
           momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
-          kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95, stats_every: Period = STATS_EVERY,
-          inverse_every: Period = INVERSE_EVERY, preconditioner_dtype: Any = None,
+          kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95,
+          stats_every: Period = STATS_EVERY, inverse_every: Period = INVERSE_EVERY,
+          preconditioner_dtype: Any = None,
           fallback: Optional[optax.GradientTransformation] = None,
           fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
           layers: Union[None, str, Sequence[LayerPath]] = None
@@ -365,8 +372,9 @@ def ekfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
 
 def tekfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
            momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
-           kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95, stats_every: Period = STATS_EVERY,
-           inverse_every: Period = INVERSE_EVERY, preconditioner_dtype: Any = None,
+           kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95,
+           stats_every: Period = STATS_EVERY, inverse_every: Period = INVERSE_EVERY,
+           preconditioner_dtype: Any = None,
            fallback: Optional[optax.GradientTransformation] = None,
            fallback_learning_rate: optax.ScalarOrSchedule = 1e-3,
            layers: Union[None, str, Sequence[LayerPath]] = None

@@ -71,6 +71,6 @@ def growing_period(every: int, *, refreshes_per_stage: int = 2) -> GrowingPeriod
   return GrowingPeriod(every=every, refreshes_per_stage=refreshes_per_stage)
 
 
-# The defaults of the KFAC family, TNT and MBF (docs/defaults.md, "Refresh periods").
+# The defaults of the KFAC family, TNT, MBF and Shampoo (docs/defaults.md, "Third round").
 STATS_EVERY = GrowingPeriod(every=5)
 INVERSE_EVERY = GrowingPeriod(every=50)
