@@ -24,7 +24,14 @@ Period = Union[int, Array, Callable[[Array], Array]]
 
 @dataclasses.dataclass(frozen=True)
 class GrowingPeriod:
-  """A refresh period `count -> 1, 2, 4, ...` capped at `every` (see `growing_period`)."""
+  """A refresh period `count -> 1, 2, 4, ...` capped at `every` (see `growing_period`).
+
+  Example:
+    >>> import secondorder_optax as soo
+    >>> period = soo.GrowingPeriod(every=4, refreshes_per_stage=1)
+    >>> [int(period(step)) for step in range(8)]
+    [1, 2, 2, 4, 4, 4, 4, 4]
+  """
 
   every: int
   refreshes_per_stage: int = 2
