@@ -80,6 +80,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help="autoencoder encoder sizes, e.g. 256,128,64,16")
   p.add_argument("--train-subset", type=int, default=None,
                  help="use only the first N training examples (quick checks)")
+  p.add_argument("--evals-per-epoch", type=int, default=1,
+                 help="measure the losses this many times per epoch (finer time to target)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--output-dir", default=None,
                  help="default: results/compare_<task>_<dataset>")
@@ -179,7 +181,7 @@ def format_table(rows: List[Dict[str, Any]], classifier: bool) -> str:
              fmt(r["learning_rate"], "%g"), fmt(r.get("damping"), "%g"),
              fmt(r["final_train_loss"], "%.4f"),
              fmt(r["best_train_loss"], "%.4f"), fmt(r["seconds_per_step"], "%.4f"),
-             fmt(r["step_time_vs_adam"], "%.2f"), fmt(r["epochs_to_adam_final"], "%d"),
+             fmt(r["step_time_vs_adam"], "%.2f"), fmt(r["epochs_to_adam_final"], "%.3g"),
              fmt(r["seconds_to_adam_final"], "%.2f")]
     if classifier:
       cells.insert(5, fmt(r["final_test_accuracy"], "%.3f"))
@@ -261,7 +263,8 @@ def run_comparison(args: argparse.Namespace) -> Dict[str, Any]:
           overrides[method.damping_key] = damping
         run = training.train(task, dataset, method, epochs=epochs, batch_size=batch_size,
                              learning_rate=lr, seed=args.seed,
-                             progress=not args.no_progress, overrides=overrides)
+                             progress=not args.no_progress, overrides=overrides,
+                             evals_per_epoch=args.evals_per_epoch)
         run["lr_multiplier"] = lr / method.learning_rate
         run["damping_multiplier"] = None if damping is None else damping / method.damping
         run["damping"] = damping
@@ -275,6 +278,7 @@ def run_comparison(args: argparse.Namespace) -> Dict[str, Any]:
             "lr_grid": grid, "damping_grid": damping_grid,
             "lrs": _csv_numbers(args.lrs), "dampings": _csv_numbers(args.dampings),
             "settings": settings, "seed": args.seed, "presets": args.presets,
+            "evals_per_epoch": args.evals_per_epoch,
             "methods": [m.name for m in selected],
             "machine": _machine()}
   return write_outputs(output_dir, config, runs, best, classifier=task.is_classifier,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -213,15 +213,19 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> 
 
 def train(task: Task, dataset: data_lib.Dataset, method: Method, *, epochs: int,
           batch_size: int, learning_rate: Optional[float] = None, seed: int = 0,
-          progress: bool = True, overrides: Optional[Dict[str, Any]] = None
-          ) -> Dict[str, Any]:
+          progress: bool = True, overrides: Optional[Dict[str, Any]] = None,
+          evals_per_epoch: int = 1) -> Dict[str, Any]:
   """Trains `task` with `method`; returns per-epoch curves and timings as a dict.
 
   Every method sees the same initial parameters and the same batches in the same order
-  (both from `seed`). `seconds[e]` is the training wall-clock time after epoch `e`,
-  compilation and evaluation excluded. Training stops early once the loss is not finite
+  (both from `seed`). `seconds[i]` is the training wall-clock time at `epoch[i]`,
+  compilation and evaluation excluded. The losses are measured `evals_per_epoch` times per
+  epoch (at fractional epochs such as 0.25, 0.5, ... for 4), so the time to a target loss
+  is resolved finer than an epoch. Training stops early once the loss is not finite
   (`diverged` is then True).
   """
+  if not isinstance(evals_per_epoch, int) or evals_per_epoch < 1:
+    raise ValueError(f"evals_per_epoch must be a positive integer, got {evals_per_epoch!r}")
   lr = method.learning_rate if learning_rate is None else learning_rate
   tx = method.build(lr, batch_size=batch_size, **(overrides or {}))
   x_train = task.inputs(dataset.x_train)
@@ -258,21 +262,25 @@ def train(task: Task, dataset: data_lib.Dataset, method: Method, *, epochs: int,
   bar = _progress_bar(range(1, epochs + 1), f"{method.name} lr={lr:g}", progress)
   for epoch in bar:
     batches = epoch_batches(len(x_train), batch_size, seed, epoch - 1)
-    start = time.perf_counter()
-    for idx in batches:
-      rng = jax.random.fold_in(base_key, steps_done)
-      params, model_state, opt_state, loss = compiled(params, model_state, opt_state,
-                                                      inputs, targets, idx, rng)
-      # One step at a time: queued CPU computations can deadlock (jax-ml/jax#25861).
-      jax.block_until_ready(loss)
-      steps_done += 1
-    jax.block_until_ready(params)
-    train_seconds += time.perf_counter() - start
-    train_loss = log(epoch, train_seconds)
+    for chunk in _eval_chunks(len(batches), evals_per_epoch):
+      start = time.perf_counter()
+      for idx in batches[chunk]:
+        rng = jax.random.fold_in(base_key, steps_done)
+        params, model_state, opt_state, loss = compiled(params, model_state, opt_state,
+                                                        inputs, targets, idx, rng)
+        # One step at a time: queued CPU computations can deadlock (jax-ml/jax#25861).
+        jax.block_until_ready(loss)
+        steps_done += 1
+      jax.block_until_ready(params)
+      train_seconds += time.perf_counter() - start
+      fraction = chunk.stop / len(batches)
+      train_loss = log(epoch if fraction == 1 else epoch - 1 + fraction, train_seconds)
+      if not math.isfinite(train_loss) or not math.isfinite(float(loss)):
+        diverged = True
+        break
     if hasattr(bar, "set_postfix"):
       bar.set_postfix(loss=f"{train_loss:.4g}")
-    if not math.isfinite(train_loss) or not math.isfinite(float(loss)):
-      diverged = True
+    if diverged:
       break
   return {
       "method": method.name,
@@ -286,6 +294,12 @@ def train(task: Task, dataset: data_lib.Dataset, method: Method, *, epochs: int,
       "compile_seconds": compile_seconds,
       "diverged": diverged,
   }
+
+
+def _eval_chunks(steps: int, evals: int) -> List[slice]:
+  """`evals` consecutive slices of an epoch's `steps` batches (fewer if `steps < evals`)."""
+  bounds = sorted({round(steps * k / evals) for k in range(1, evals + 1)} - {0})
+  return [slice(a, b) for a, b in zip([0] + bounds[:-1], bounds)]
 
 
 def _progress_bar(iterable, description: str, enabled: bool):

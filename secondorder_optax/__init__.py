@@ -21,6 +21,7 @@ from secondorder_optax._src.kl_clip import KLClipState, clip_by_kl
 from secondorder_optax._src.kronecker import EigenBases, KroneckerFactors, KroneckerInverses
 from secondorder_optax._src.mbf import mbf, scale_by_mbf
 from secondorder_optax._src.mini_blocks import MBFPartition, MiniBlocks, RowBlocks
+from secondorder_optax._src.momentum import RestartingEmaState, restarting_ema
 from secondorder_optax._src.periods import GrowingPeriod, growing_period
 from secondorder_optax._src.seng import scale_by_seng, seng
 from secondorder_optax._src.seng_factors import (ExplicitFactors, OuterProductFactors,
@@ -50,6 +51,7 @@ __all__ = [
     "MiniBlocks",
     "OuterProductFactors",
     "PreconditionerState",
+    "RestartingEmaState",
     "RowBlocks",
     "SecantPair",
     "SengLayerState",
@@ -66,6 +68,7 @@ __all__ = [
     "losses",
     "mbf",
     "nnx_curvature",
+    "restarting_ema",
     "scale_by_ekfac",
     "scale_by_kbfgs",
     "scale_by_kfac",

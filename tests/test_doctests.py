@@ -24,6 +24,7 @@ MODULES = [
     "secondorder_optax._src.engine",
     "secondorder_optax._src.kronecker",
     "secondorder_optax._src.mini_blocks",
+    "secondorder_optax._src.momentum",
     "secondorder_optax._src.periods",
     "secondorder_optax._src.seng_factors",
     "secondorder_optax._src.spread",

@@ -162,13 +162,16 @@ def test_tiny_compare_run(tmp_path):
   out = str(tmp_path / "out")
   results = compare.main([
       "--methods", f"adam,{second}", "--epochs", "2", "--batch-size", "100",
-      "--train-subset", "300", "--hidden", "16,4", "--output-dir", out, "--no-progress"])
+      "--train-subset", "300", "--hidden", "16,4", "--output-dir", out, "--no-progress",
+      "--evals-per-epoch", "2"])
   assert sorted(os.listdir(out)) == ["curves.csv", "loss_vs_epoch.png", "loss_vs_seconds.png",
                                      "results.json", "summary.md"]
   saved = json.load(open(os.path.join(out, "results.json")))
   assert [r["method"] for r in saved["summary"]] == ["adam", second]
   adam, other = saved["runs"]
-  assert adam["epoch"] == [0, 1, 2] and adam["steps"] == 6
+  # 3 steps per epoch, measured after steps 2 and 3 of each.
+  assert adam["epoch"] == pytest.approx([0, 2 / 3, 1, 5 / 3, 2]) and adam["steps"] == 6
+  assert adam["seconds"] == sorted(adam["seconds"]) and adam["seconds"][0] == 0
   # Same initial parameters for every method: identical loss before training.
   assert adam["train_loss"][0] == pytest.approx(other["train_loss"][0], rel=1e-6)
   assert adam["train_loss"][-1] < adam["train_loss"][0]
@@ -177,7 +180,7 @@ def test_tiny_compare_run(tmp_path):
   assert summary["adam"]["epochs_to_adam_final"] == 2
   with open(os.path.join(out, "curves.csv")) as f:
     rows = list(csv.DictReader(f))
-  assert len(rows) == 6 and {r["method"] for r in rows} == {"adam", second}
+  assert len(rows) == 10 and {r["method"] for r in rows} == {"adam", second}
   assert results["config"]["train_examples"] == 300
 
 
@@ -303,3 +306,15 @@ def test_data_parallel_example_runs_on_synthetic_data(capsys):
       ["--steps", "2", "--batch-size", "16", "--shard-state", "--log-every", "1"]))
   out = capsys.readouterr().out
   assert "step     2  loss" in out and "test accuracy" in out, out
+
+
+def test_eval_chunks_split_an_epoch():
+  chunks = training._eval_chunks(60, 4)
+  assert [(c.start, c.stop) for c in chunks] == [(0, 15), (15, 30), (30, 45), (45, 60)]
+  assert [(c.start, c.stop) for c in training._eval_chunks(3, 4)] == [(0, 1), (1, 2), (2, 3)]
+  assert [(c.start, c.stop) for c in training._eval_chunks(7, 1)] == [(0, 7)]
+  ds = data.load_digits()
+  task = training.make_task("autoencoder", ds, hidden=(4,))
+  with pytest.raises(ValueError, match="evals_per_epoch"):
+    training.train(task, ds, methods.get_method("adam"), epochs=1, batch_size=100,
+                   evals_per_epoch=0)

@@ -6,7 +6,9 @@
 
 or, with `precondition_momentum=True` (TNT, following the paper's code), momentum first and
 the preconditioner applied to the momentum buffer. Weight decay is decoupled (added after
-preconditioning), as in the TNT/MBF papers' code.
+preconditioning), as in the TNT/MBF papers' code. The momentum of a full optimizer (but
+Shampoo's) restarts at every preconditioner refresh (its `inverse_every`), so it averages the
+directions of one preconditioner (`soo.restarting_ema`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from secondorder_optax._src import layerwise
 
 from secondorder_optax._src.base import all_finite, select_tree
 from secondorder_optax._src.kl_clip import clip_by_kl
+from secondorder_optax._src.momentum import restarting_ema
 
 
 def build_optimizer(
@@ -32,6 +35,7 @@ def build_optimizer(
     weight_decay: float = 0.0,
     precondition_momentum: bool = False,
     kl_clip: Optional[float] = None,
+    restart_momentum_every: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Chains a preconditioner with decoupled weight decay, momentum and the learning rate.
 
@@ -47,6 +51,10 @@ def build_optimizer(
     kl_clip: `None` (default) or κ > 0: rescale the preconditioned direction Δ by `ν ≤ 1`
       so that the step's estimated KL change `η² ν² ⟨Δ, g⟩` stays below κ
       (`soo.clip_by_kl`).
+    restart_momentum_every: `None` (default) or a refresh period (an integer or a schedule
+      such as `soo.growing_period(50)`): the momentum average restarts at the steps where
+      that period is due (`soo.restarting_ema`); the full optimizers pass their
+      `inverse_every`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` forwarding `curvature=` to the preconditioner.
@@ -65,7 +73,12 @@ def build_optimizer(
   # state is selected twice.
   if kl_clip is not None:
     preconditioner = clip_by_kl(preconditioner, kl_clip=kl_clip, learning_rate=learning_rate)
-  momentum_tx = optax.identity() if _is_zero(momentum) else optax.ema(momentum, debias=True)
+  if _is_zero(momentum):
+    momentum_tx = optax.identity()
+  elif restart_momentum_every is None:
+    momentum_tx = optax.ema(momentum, debias=True)
+  else:
+    momentum_tx = restarting_ema(momentum, restart_every=restart_momentum_every)
   tail = []
   if not _is_zero(weight_decay):
     tail.append(optax.add_decayed_weights(weight_decay))
@@ -80,7 +93,7 @@ def build_optimizer(
 
 
 def optimizer(scale_by, *, learning_rate: optax.ScalarOrSchedule, momentum: Optional[float],
-              weight_decay: float, kl_clip: Optional[float],
+              weight_decay: float, kl_clip: Optional[float], restart_momentum: bool = True,
               **preconditioner_args) -> optax.GradientTransformationExtraArgs:
   """`build_optimizer(scale_by(**preconditioner_args), ...)`: the body of every full optimizer
   (called with the full optimizer's own arguments).
@@ -89,19 +102,23 @@ def optimizer(scale_by, *, learning_rate: optax.ScalarOrSchedule, momentum: Opti
   with a first-order optimizer of their own, `fallback` (default
   `optax.adamw(fallback_learning_rate, weight_decay=weight_decay)`), through
   `optax.partition`: norm scales, embeddings and attention projections get Adam's step, not
-  the second-order learning rate.
+  the second-order learning rate. With `restart_momentum` the momentum restarts at the
+  preconditioner's refreshes (`inverse_every`).
   """
+  build = functools.partial(
+      build_optimizer, learning_rate=learning_rate, momentum=momentum,
+      weight_decay=weight_decay, kl_clip=kl_clip,
+      restart_momentum_every=(preconditioner_args.get("inverse_every")
+                              if restart_momentum else None))
   if "layers" not in preconditioner_args:
-    return build_optimizer(scale_by(**preconditioner_args), learning_rate=learning_rate,
-                           momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip)
+    return build(scale_by(**preconditioner_args))
   fallback = preconditioner_args.pop("fallback")
   fallback_learning_rate = preconditioner_args.pop("fallback_learning_rate")
   if fallback is None:
     fallback = optax.adamw(fallback_learning_rate, weight_decay=weight_decay)
   fallback = keep_state_if_nonfinite(fallback)
   layers = preconditioner_args["layers"]
-  second_order = build_optimizer(scale_by(**preconditioner_args), learning_rate=learning_rate,
-                                 momentum=momentum, weight_decay=weight_decay, kl_clip=kl_clip)
+  second_order = build(scale_by(**preconditioner_args))
   if layers == layerwise.CAPTURED:
     return route_by_capture(second_order, fallback)
   return optax.partition({PRECONDITIONED: second_order, FALLBACK: fallback},

@@ -388,7 +388,8 @@ def kbfgs(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: ScalarOrSched
       two factors is damped by `γ` times its mean eigenvalue, `(1 + γ)² = 1 + λ`, as
       `soo.kfac`'s; on the output factor this is the Levenberg–Marquardt part of the double
       damping (`μ₂ = γ m_G`, with `m_G` the mean eigenvalue of KFAC's output factor).
-    momentum: `β` of the EMA of the preconditioned directions (`optax.ema(β, debias=True)`);
+    momentum: `β` of the debiased EMA of the preconditioned directions, restarted at every
+      refresh of the preconditioner (`soo.restarting_ema`);
       `None` or 0 for none.
     weight_decay: decoupled weight decay coefficient.
     kl_clip: `None` or κ > 0: shorten steps whose estimated KL change `η² ⟨Δ, g⟩` exceeds

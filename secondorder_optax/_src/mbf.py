@@ -254,9 +254,10 @@ def mbf(
     damping: relative damping λ (read at inverse refreshes): every mini-block of a layer gets
       `λ` times the mean of the layer's block diagonals (`soo` DESIGN §6). Default 0.3 (at 1 the MNIST autoencoder's first 50
       steps ended at 189.7, at 0.3 at 148.9; `docs/defaults.md`).
-    momentum: `β` of the EMA of the preconditioned directions (`optax.ema(β, debias=True)`);
-      `None` or 0 for none (without it the full MNIST autoencoder ended at 74.6 instead of
-      65.2; `docs/defaults.md`).
+    momentum: `β` of the debiased EMA of the preconditioned directions, restarted at every
+      refresh of the preconditioner (`soo.restarting_ema`);
+      `None` or 0 for none (without momentum the full MNIST autoencoder ended at 74.6 instead
+      of 65.2 with a plain EMA; `docs/defaults.md`).
     weight_decay: decoupled weight decay.
     kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
       (`soo.clip_by_kl`).

@@ -239,7 +239,8 @@ def seng(
     batch_size: number of examples in every `curvature` (fixes the state size); needed
       unless `subsample` is given.
     subsample: use only the first `subsample` examples of each batch for the curvature.
-    momentum: `β` of the EMA of the preconditioned directions (`optax.ema(β, debias=True)`);
+    momentum: `β` of the debiased EMA of the preconditioned directions, restarted at every
+      refresh of the preconditioner (`soo.restarting_ema`);
       `None` or 0 for none.
     weight_decay: decoupled weight decay.
     kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ

@@ -135,9 +135,9 @@ def tnt(
       times their mean eigenvalue (each factor `U_i + γ c I`, `(1 + γ)^k = 1 + λ`). Default 3
       (at 1, the MNIST autoencoder's first 50 steps ended at 184.3, at 3 at 152.0; digits
       MLP 0.059 vs 0.013; `docs/defaults.md`).
-    momentum: `β` of the EMA of the preconditioned directions (`optax.ema(β, debias=True)`);
-      `None` or 0 for none (faster on large low-noise batches, slower on noisy ones: see
-      `soo.kfac` and `docs/defaults.md`).
+    momentum: `β` of the debiased EMA of the preconditioned directions, restarted at every
+      refresh of the preconditioner (`soo.restarting_ema`);
+      `None` or 0 for none (see `soo.kfac` and `docs/defaults.md`).
     weight_decay: decoupled weight decay coefficient.
     kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
       (`soo.clip_by_kl`); 0.03 by default, looser than the Kronecker methods' 0.01 (with
@@ -181,7 +181,7 @@ def tnt(
                                 preconditioner_dtype=preconditioner_dtype)
   inner = alias.build_optimizer(preconditioner, learning_rate=learning_rate,
                                 momentum=momentum, weight_decay=weight_decay,
-                                kl_clip=kl_clip)
+                                kl_clip=kl_clip, restart_momentum_every=inverse_every)
 
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
     if curvature is None:
