@@ -80,3 +80,14 @@ def test_build_optimizer_restarts_its_momentum_at_the_refreshes():
 def test_bad_decay_is_named():
   with pytest.raises(ValueError, match="decay"):
     soo.restarting_ema(1.0, restart_every=2)
+
+
+def test_hyperparameters_can_be_injected():
+  """Under `optax.inject_hyperparams` (decay and period traced in `jit`), same outputs."""
+  tx = optax.inject_hyperparams(soo.restarting_ema)(decay=0.5, restart_every=2)
+  update = jax.jit(tx.update)
+  state, outs = tx.init(jnp.zeros(())), []
+  for g in (1.0, 3.0, 5.0):
+    out, state = update(jnp.asarray(g), state)
+    outs.append(float(out))
+  np.testing.assert_allclose(outs, [1.0, 7 / 3, 5.0], rtol=1e-6)

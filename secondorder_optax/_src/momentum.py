@@ -60,7 +60,7 @@ def restarting_ema(decay: float, *, restart_every: Any) -> optax.GradientTransfo
     >>> outs  # restart at steps 0 and 2; step 1 averages 1 and 3 with weights 1/3, 2/3
     [1.0, 2.333, 5.0]
   """
-  if not 0 <= decay < 1:
+  if isinstance(decay, (int, float)) and not 0 <= decay < 1:  # (traced under inject_hyperparams)
     raise ValueError(f"restarting_ema: decay must be in [0, 1), got {decay!r}")
 
   def init_fn(params):
