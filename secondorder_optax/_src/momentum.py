@@ -64,8 +64,10 @@ def restarting_ema(decay: float, *, restart_every: Any) -> optax.GradientTransfo
     raise ValueError(f"restarting_ema: decay must be in [0, 1), got {decay!r}")
 
   def init_fn(params):
-    zero = jnp.zeros((), jnp.int32)
-    return RestartingEmaState(count=zero, since_restart=zero,
+    # Two buffers, not one array twice: a state passed to a `jit` with donated arguments
+    # must not hold the same buffer in two leaves.
+    return RestartingEmaState(count=jnp.zeros((), jnp.int32),
+                              since_restart=jnp.zeros((), jnp.int32),
                               ema=jax.tree.map(jnp.zeros_like, params))
 
   def update_fn(updates, state, params=None):
