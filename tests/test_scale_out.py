@@ -34,7 +34,9 @@ TIMEOUT = 900
 # by the damped inverses. SOAP's Adam in an eigenbasis that is arbitrary inside the
 # degenerate eigenspaces of its rank-deficient first factors differs even in float64
 # (1e-3), and more in float32 (docs/scale_out.md).
-TOLERANCE = {"kfac": 1e-3, "ekfac": 1e-3, "tkfac": 1e-3, "tekfac": 3e-3, "tnt": 1e-3,
+# TNT: 1.1e-3 between two gloo processes and one device once its momentum restarts at
+# every refresh (the step after a refresh is the fresh direction, not an average).
+TOLERANCE = {"kfac": 1e-3, "ekfac": 1e-3, "tkfac": 1e-3, "tekfac": 3e-3, "tnt": 3e-3,
              "shampoo": 3e-3, "mbf": 1e-3, "seng": 1e-3, "soap": 3e-2}
 
 
@@ -116,7 +118,7 @@ def test_two_processes_match_one(runs):
       for name in want.files:
         scale = np.max(np.abs(want[name]))
         rel = np.max(np.abs(got[name] - want[name])) / scale
-        assert rel < 1e-3, (method, i, name, rel)
+        assert rel < TOLERANCE[method], (method, i, name, rel)
 
 
 # In-process checks of soo.state_shardings' errors (one device).
