@@ -7,8 +7,8 @@
 or, with `precondition_momentum=True` (TNT, following the paper's code), momentum first and
 the preconditioner applied to the momentum buffer. Weight decay is decoupled (added after
 preconditioning), as in the TNT/MBF papers' code. The momentum of a full optimizer (but
-Shampoo's and SENG's) restarts at every preconditioner refresh (its `inverse_every`), so it averages the
-directions of one preconditioner (`soo.restarting_ema`).
+Shampoo's and SENG's) restarts at every preconditioner refresh (its `inverse_every`), so it
+averages the directions of one preconditioner (`soo.restarting_ema`).
 """
 
 from __future__ import annotations
