@@ -303,39 +303,6 @@ def test_ekfac_running_averages_and_stale_basis():
     assert models.relative_error(got, expected) < 2e-5
 
 
-def test_ekfac_scalings_follow_a_recomputed_basis():
-  """inverse_every=1: step 1 recomputes the basis from the averaged factors, and step 0's
-  scalings enter the running average as the diagonal, in the new basis, of step 0's
-  curvature `B₀ diag(S₀) B₀ᵀ` (carried over index by index they would belong to B₀)."""
-  params, batches, views = _two_batches()
-  decay = 0.8
-  tx = soo.scale_by_ekfac(damping=DAMPING, stats_decay=decay, inverse_every=1)
-  direction, _ = _run_two_steps(tx, params, batches)
-  grads = batches[1][1]
-  scaling_of = lambda q_in, q_out, a, g: np.mean(
-      np.einsum("di,bd,be,ej->bij", q_in, a[:, 0], g[:, 0], q_out) ** 2, 0)
-  for path, (a0, g0) in views[0].items():
-    a1, g1 = views[1][path]
-    factors = [(np.einsum("btd,bte->de", a, a) / len(a), np.einsum("btd,bte->de", g, g) / len(g))
-               for a, g in ((a0, g0), (a1, g1))]
-    q0 = [np.linalg.eigh(f)[1] for f in factors[0]]
-    q1 = [np.linalg.eigh(decay * f0 + (1 - decay) * f1)[1]
-          for f0, f1 in zip(factors[0], factors[1])]
-    s0, s1 = scaling_of(*q0, a0, g0), scaling_of(*q1, a1, g1)
-    b0, b1 = np.kron(*q0), np.kron(*q1)
-    carried = np.diag(b1.T @ b0 @ np.diag(s0.reshape(-1)) @ b0.T @ b1).reshape(s0.shape)
-    has_bias = "bias" in patches.tree_get(params, path)
-    grad = models.grad_matrix(grads, path, has_bias)
-
-    def expected(scalings):
-      damped = scalings.reshape(-1) + DAMPING * np.mean(scalings)
-      return dense_direction(b1 @ np.diag(damped) @ b1.T, grad)
-
-    got = models.grad_matrix(direction, path, has_bias)
-    assert models.relative_error(got, expected(decay * carried + (1 - decay) * s1)) < 2e-5
-    assert models.relative_error(got, expected(decay * s0 + (1 - decay) * s1)) > 1e-3
-
-
 # ---------------------------------------------------------------------------------------
 # Failures, errors and describe.
 

@@ -35,7 +35,6 @@ from secondorder_optax._src.base import LayerPath, running_average, stats_dtype
 from secondorder_optax._src.kronecker import (TINY, EigenBases, KroneckerFactors,
                                               KroneckerInverses, eigen_direction,
                                               eigen_scalings, kronecker_factors, layer_view,
-                                              rotated_scalings,
                                               trace_restricted_factors,
                                               transposed_bases)
 from secondorder_optax._src.periods import INVERSE_EVERY, STATS_EVERY, Period
@@ -131,9 +130,7 @@ class EKFAC(KFAC):
     def assemble(solved):
       bases = (solved["input"].astype(previous.input_basis.dtype),
                solved["output"].astype(previous.output_basis.dtype))
-      scalings = rotated_scalings(previous.scalings,
-                                  (previous.input_basis, previous.output_basis), bases)
-      return EigenBases(*bases, scalings, *transposed_bases(*bases))
+      return EigenBases(*bases, previous.scalings, *transposed_bases(*bases))
     return {"input": factors.input_factor, "output": factors.output_factor}, assemble
 
   def solve(self, factor):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from secondorder_optax._src import linalg, patches
-from secondorder_optax._src.base import LayerStats, stats_dtype
+from secondorder_optax._src.base import LayerStats
 
 Array = jax.Array
 # Smallest trace used when normalising factors: keeps an all-zero layer finite.
@@ -124,23 +124,6 @@ def eigen_scalings(a: Array, g: Array, input_basis: Array, output_basis: Array) 
 
 def mean_eigenvalue(factor: Array) -> Array:
   return jnp.maximum(jnp.trace(factor) / factor.shape[-1], TINY)
-
-
-def rotated_scalings(scalings: Array, old_bases: Tuple[Array, Array],
-                     new_bases: Tuple[Array, Array]) -> Array:
-  """The diagonal, in `new_bases`, of the curvature `(Q_in ⊗ Q_out) diag(S) (Q_in ⊗ Q_out)ᵀ`
-  held in `old_bases`: `S'_{ij} = Σ_{kl} (q'_iᵀ q_k)² S_{kl} (r'_jᵀ r_l)²`.
-
-  EKFAC's scalings are running averages in the current eigenbasis; when the basis is
-  recomputed, carrying them over index by index would mix the old basis's scalings into the
-  new one's. Rotated, the running average goes on from the best estimate in the new basis.
-  """
-  dtype = stats_dtype(scalings.dtype)
-  overlap_in, overlap_out = (
-      jnp.square(linalg.matmul(old.astype(dtype).T, new.astype(dtype)))
-      for old, new in zip(old_bases, new_bases))
-  return linalg.matmul(linalg.matmul(overlap_in.T, scalings.astype(dtype)),
-                       overlap_out).astype(scalings.dtype)
 
 
 def transposed_bases(input_basis: Array, output_basis: Array) -> Tuple[Array, Array]:
