@@ -229,6 +229,7 @@ def train(task: Task, dataset: data_lib.Dataset, method: Method, *, epochs: int,
     raise ValueError(f"evals_per_epoch must be a positive integer, got {evals_per_epoch!r}")
   lr = method.learning_rate if learning_rate is None else learning_rate
   tx = method.build(lr, batch_size=batch_size, **(overrides or {}))
+  fisher = (overrides or {}).get("fisher", method.fisher)  # `--set fisher=...` captures so.
   x_train = task.inputs(dataset.x_train)
   t_train = task.targets(dataset.x_train, dataset.y_train)
   x_test = task.inputs(dataset.x_test)
@@ -237,7 +238,7 @@ def train(task: Task, dataset: data_lib.Dataset, method: Method, *, epochs: int,
   opt_state = tx.init(params)
   evaluate = evaluate_fn(task)
   inputs, targets = jnp.asarray(x_train), jnp.asarray(t_train)
-  step = jax.jit(train_step_fn(task, tx, method.fisher, method.second_pass))
+  step = jax.jit(train_step_fn(task, tx, fisher, method.second_pass))
   base_key = jax.random.key(seed)
 
   idx0 = epoch_batches(len(x_train), batch_size, seed, 0)
@@ -280,7 +281,7 @@ def train(task: Task, dataset: data_lib.Dataset, method: Method, *, epochs: int,
       "method": method.name,
       "learning_rate": lr,
       "hparams": {**method.hparams, **(overrides or {})},
-      "fisher": method.fisher,
+      "fisher": fisher,
       "reference": method.reference,
       **record,
       "steps": steps_done,
