@@ -121,7 +121,7 @@ def test_registry_lists_baselines_and_available_methods():
     assert method.reference and method.learning_rate > 0
   # At the library's defaults: the factory's own learning rate and nothing set.
   kfac = methods.library_defaults("kfac")
-  assert kfac.hparams == {} and kfac.learning_rate == 0.1 and kfac.damping == 1.0
+  assert kfac.hparams == {} and kfac.learning_rate == 0.1 and kfac.damping == 0.3
   assert methods.library_defaults("adam") == methods.get_method("adam")
   with pytest.raises(ValueError, match="unknown method 'lbfgs'"):
     methods.get_method("lbfgs")
