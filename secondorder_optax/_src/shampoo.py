@@ -210,7 +210,7 @@ def shampoo(
     >>> loss = lambda p: jnp.sum((jnp.ones(3) @ p["w"] + p["b"] - 1.0) ** 2)
     >>> tx = soo.shampoo()
     >>> state = tx.init(params)
-    >>> for _ in range(50):
+    >>> for _ in range(100):
     ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
     ...   params = optax.apply_updates(params, updates)
     >>> bool(loss(params) < 0.1)
