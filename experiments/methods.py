@@ -153,6 +153,11 @@ class Method:
   def needs_curvature(self) -> bool:
     return self.fisher is not None
 
+  def capture_fisher(self, overrides: Optional[Mapping[str, Any]] = None) -> Optional[str]:
+    """The curvature to capture for this method under `overrides` (a `fisher=` override,
+    e.g. `--set fisher=sampled` for MBF, replaces the preset's)."""
+    return (overrides or {}).get("fisher", self.fisher)
+
   def build(self, learning_rate: Optional[float] = None, *, batch_size: Optional[int] = None,
             **overrides) -> optax.GradientTransformation:
     """The full optimizer at the preset, with `overrides` replacing preset values.

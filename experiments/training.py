@@ -229,7 +229,7 @@ def train(task: Task, dataset: data_lib.Dataset, method: Method, *, epochs: int,
     raise ValueError(f"evals_per_epoch must be a positive integer, got {evals_per_epoch!r}")
   lr = method.learning_rate if learning_rate is None else learning_rate
   tx = method.build(lr, batch_size=batch_size, **(overrides or {}))
-  fisher = (overrides or {}).get("fisher", method.fisher)  # `--set fisher=...` captures so.
+  fisher = method.capture_fisher(overrides)
   x_train = task.inputs(dataset.x_train)
   t_train = task.targets(dataset.x_train, dataset.y_train)
   x_test = task.inputs(dataset.x_test)
@@ -265,9 +265,10 @@ def train(task: Task, dataset: data_lib.Dataset, method: Method, *, epochs: int,
         steps_done += 1
       jax.block_until_ready(params)
       train_seconds += time.perf_counter() - start
-      fraction = chunk.stop / len(batches)
-      snapshots.append((epoch if fraction == 1 else epoch - 1 + fraction, train_seconds,
-                        params, model_state))
+      at_epoch = (epoch if chunk.stop == len(batches)
+                  else epoch - 1 + chunk.stop / len(batches))
+      # Host copies: on an accelerator 41 snapshots of a large model would fill its memory.
+      snapshots.append((at_epoch, train_seconds, *jax.device_get((params, model_state))))
       if not math.isfinite(float(loss)):
         diverged = True
         break

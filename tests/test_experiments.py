@@ -123,6 +123,9 @@ def test_registry_lists_baselines_and_available_methods():
   kfac = methods.library_defaults("kfac")
   assert kfac.hparams == {} and kfac.learning_rate == 0.1 and kfac.damping == 0.3
   assert methods.library_defaults("adam") == methods.get_method("adam")
+  # Training and step timing both capture what a `fisher=` override names.
+  mbf = methods.get_method("mbf")
+  assert mbf.capture_fisher({"fisher": "sampled"}) == "sampled" != mbf.capture_fisher({})
   with pytest.raises(ValueError, match="unknown method 'lbfgs'"):
     methods.get_method("lbfgs")
   with pytest.raises(TypeError, match=r"\['not_a_knob'\].*not accepted"):

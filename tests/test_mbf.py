@@ -95,7 +95,7 @@ def assert_directions(updates, expected):
       node = node[p]
     got = models.grad_matrix(updates, path, "bias" in node)
     err = models.relative_error(got, want)
-    assert err < 1e-5, f"{path}: relative error {err}"
+    assert err < 5e-5, f"{path}: relative error {err}"
 
 
 def mlp_blocks(params, block_size, overrides=None):
@@ -226,7 +226,7 @@ def test_running_average_and_held_inverse():
       matrix = np.where(mask, used[path], 0.0) + shift * np.eye(grad.size)
       want = np.linalg.solve(matrix, grad.reshape(-1)).reshape(grad.shape)
       got = models.grad_matrix(updates, path, layer_info(params, path)[1])
-      assert models.relative_error(got, want) < 1e-5, (i, path)
+      assert models.relative_error(got, want) < 5e-5, (i, path)
   assert step._cache_size() == 1
   assert int(state.count) == 3
 

@@ -15,7 +15,7 @@ from secondorder_optax._src import patches
 from tests import contract, models
 
 # float32 solves at relative damping 0.02–0.1 (damped condition numbers up to ~10/λ).
-TOL = 3e-5
+TOL = 1e-4  # float32 against float64; the last digits move between CPUs (FMA, vector width)
 # Sketched vs exact: the explicit column sketch below keeps 64 of 72 / 76 coordinates
 # (>= 85% of each layer's gradient energy); the sketched Gram is then within 10% of U Uᵀ and,
 # with the default relative damping λ = 1, the direction within 5% of the exact one.
