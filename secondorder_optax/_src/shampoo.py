@@ -37,10 +37,9 @@ class Shampoo(tm.ModeAlgorithm):
   """Shampoo: per-mode inverse roots `(H_i + εI)^(-1/(2k))` of the gradient statistics."""
 
   name = "shampoo"
-  root_exponent: Optional[float] = None
 
   def refresh(self, layout, statistics, previous, damping, data):
-    exponent = jnp.asarray(self.root_exponent or 2.0 * layout.order, jnp.float32)
+    exponent = jnp.asarray(2.0 * layout.order, jnp.float32)
     blocks = {str(i): (stat, relative_damping(damping, stat, order=layout.order), exponent)
               for i, stat in enumerate(statistics)}
     return blocks, lambda solved: tuple(solved[str(i)] for i in range(layout.order))
@@ -113,7 +112,6 @@ def scale_by_shampoo(
     inverse_every: Period = INVERSE_EVERY,
     max_factor_dim: int = 2048,
     preconditioner_dtype: Any = None,
-    root_exponent: Optional[float] = None,
     graft: Optional[str] = None,
     graft_decay: float = 0.999,
     graft_eps: float = 1e-8,
@@ -143,7 +141,7 @@ def scale_by_shampoo(
   preconditioner_dtype = validation.check_preconditioner_dtype("shampoo",
                                                                preconditioner_dtype)
   tx = tm.factor_transformation(
-      Shampoo(preconditioner_dtype, root_exponent=root_exponent), damping=damping, stats_decay=stats_decay,
+      Shampoo(preconditioner_dtype), damping=damping, stats_decay=stats_decay,
       stats_every=stats_every, inverse_every=inverse_every, max_factor_dim=max_factor_dim,
       summed_statistics=True)
   if graft is None:
@@ -163,7 +161,6 @@ def shampoo(
     inverse_every: Period = INVERSE_EVERY,
     max_factor_dim: int = 2048,
     preconditioner_dtype: Any = None,
-    root_exponent: Optional[float] = None,
     graft: Optional[str] = "adam",
     graft_decay: float = 0.999,
     graft_eps: float = 1e-8,
@@ -198,9 +195,6 @@ def shampoo(
       statistics' dtype, float32 at least); `jnp.bfloat16` halves their memory and, where
       bfloat16 multiplies faster (accelerators, CPUs with AVX512-BF16), the cost of
       applying them, with float32 sums and a float32 direction.
-    root_exponent: `p` of the roots `(H_i + εI)^(-1/p)`; `None` (default) for the paper's
-      `2k` on a tensor of `k` modes (`-1/4` per side of a matrix). Anil et al.'s exponent
-      override: `p = 2` per side is the "Shampoo²" direction.
     graft: `None`, `"rmsprop"` or `"adam"`: rescale each tensor's direction to the norm of
       that method's step (bias-corrected, `eps` outside the square root).
     graft_decay: second-moment decay of the grafted method.
