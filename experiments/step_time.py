@@ -104,7 +104,7 @@ def measure(task: training.Task, method: methods_lib.Method, overrides: Dict[str
   params, model_state = training.init_model(task, x[:1], seed)
   opt_state = tx.init(params)
   step = jax.jit(training.train_step_fn(task, tx, method.capture_fisher(overrides),
-                                           method.second_pass))
+                                        method.second_pass))
   idx = np.arange(batch_size, dtype=np.int32)
   key = jax.random.key(seed)
   start = time.perf_counter()

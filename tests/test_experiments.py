@@ -321,3 +321,16 @@ def test_eval_chunks_split_an_epoch():
   with pytest.raises(ValueError, match="evals_per_epoch"):
     training.train(task, ds, methods.get_method("adam"), epochs=1, batch_size=100,
                    evals_per_epoch=0)
+
+
+def test_time_to_adam_runs_each_method_in_its_own_process(tmp_path):
+  """The accelerator timing script: Adam first, one `experiments.compare` process per
+  method, merged into one summary."""
+  from experiments import time_to_adam
+  results = time_to_adam.main(["--dataset", "digits", "--epochs", "1", "--methods", "kfac",
+                               "--evals-per-epoch", "1", "--train-subset", "200",
+                               "--output-dir", str(tmp_path), "--no-plots"])
+  assert [run["method"] for run in results["runs"]] == ["adam", "kfac"]
+  assert [row["method"] for row in results["summary"]] == ["adam", "kfac"]
+  assert (tmp_path / "kfac" / "results.json").exists()
+  assert "kfac" in (tmp_path / "summary.md").read_text()

@@ -271,10 +271,11 @@ def kfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 0.3,
     damping: relative damping λ (number, array or optax schedule of the step): every damped
       curvature block's mean eigenvalue is `1 + λ` times its own (`soo` DESIGN §6), so one
       value means the same for every method and every data scale. Default 0.3 for KFAC
-      and TEKFAC (two epochs of the full MNIST autoencoder: KFAC 68.7 against 73.4 at 1,
-      TEKFAC 67.3 against 72.7), 0.1 for EKFAC, whose damping only enters the scalings
-      (ten epochs: 56.91 against 58.38 at 0.3, ahead of KFAC's 58.23 at every epoch), 1
-      for TKFAC (at 0.3 it fell behind Adam on the Fashion-MNIST CNN; `docs/defaults.md`).
+      (two epochs of the full MNIST autoencoder: 68.7 against 73.4 at 1 and 70.3 at 0.1),
+      0.1 for EKFAC and TEKFAC, whose damping only enters the scalings (ten epochs: EKFAC
+      56.91, TEKFAC 56.82 against 58.38, 58.56 at 0.3, both ahead of KFAC's 58.23 at every
+      epoch), 1 for TKFAC (at 0.3 it fell behind Adam on the Fashion-MNIST CNN;
+      `docs/defaults.md`).
     momentum: `β` of the debiased EMA of the preconditioned directions, restarted at every
       refresh of the preconditioner (`soo.restarting_ema`), so that it never averages
       directions of two preconditioners; `None` or 0 for none. After 50 steps of the MNIST
@@ -374,7 +375,7 @@ def ekfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 0.1,
   return alias.optimizer(scale_by_ekfac, **locals())
 
 
-def tekfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 0.3,
+def tekfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 0.1,
            momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
            kl_clip: Optional[float] = 0.03, stats_decay: Any = 0.95,
            stats_every: Period = STATS_EVERY, inverse_every: Period = INVERSE_EVERY,
