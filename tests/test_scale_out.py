@@ -28,9 +28,6 @@ WORKER = os.path.join(ROOT, "tests", "scale_out_worker.py")
 FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
                 "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 TIMEOUT = 900
-# One xdist worker runs the whole module (`--dist loadgroup`), so the subprocesses of the
-# module fixture start once, not once per worker.
-pytestmark = pytest.mark.xdist_group("scale_out")
 
 # Largest relative parameter difference, 8 devices vs 1, after 10 steps (float32). In
 # float64 KFAC and TNT agree to 1e-13: the float32 differences are reduction order amplified
