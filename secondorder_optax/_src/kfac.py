@@ -308,8 +308,9 @@ def kfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 0.3,
     layers: which layers to precondition: `None` (default) every node with a `kernel` and
       optional `bias`; `'captured'` only those the step's curvature records, so layers the
       capture leaves out (DenseGeneral, Einsum, ConvTranspose, masked or grouped kernels)
-      are trained by `fallback` (its state then covers every leaf); or an explicit list
-      of layer paths. The other leaves go to `fallback`.
+      are trained by `fallback` (its state then covers every leaf); `'dense'` only the
+      nodes with a 2-D kernel (convolutions go to `fallback`); or an explicit list of
+      layer paths. The other leaves go to `fallback`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` takes `curvature=` (from

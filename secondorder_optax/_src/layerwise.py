@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,11 @@ from secondorder_optax._src.base import (Curvature, LayerPath, path_keys, path_t
                                          stats_dtype)
 
 Array = jax.Array
+
+# `layers=` values other than a list of paths: the layers the step's curvature records;
+# only the dense layers (kernels of rank 2; convolutions go to the fallback).
+CAPTURED = "captured"
+DENSE = "dense"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +82,19 @@ def leaf_paths(tree: Any) -> Dict[LayerPath, Any]:
   return {path_keys(p): leaf for p, leaf in flat}
 
 
-def find_layers(params: Any, layers: Optional[Sequence[LayerPath]] = None) -> Dict[str, LayerInfo]:
+def find_layers(params: Any, layers: Union[None, str, Sequence[LayerPath]] = None
+                ) -> Dict[str, LayerInfo]:
   """Finds the layers to precondition: nodes with a `kernel` (ndim >= 2) and maybe a `bias`.
 
   Args:
     params: the parameter tree.
-    layers: optional explicit list of layer paths; by default every node whose only leaves
-      are `kernel` and `bias`, with a kernel of rank 2 or more.
+    layers: optional explicit list of layer paths, or `'dense'` for the nodes with a
+      kernel of rank exactly 2; by default every node whose only leaves are `kernel` and
+      `bias`, with a kernel of rank 2 or more.
   """
+  dense_only = isinstance(layers, str) and layers == DENSE
+  if dense_only:
+    layers = None
   leaves = leaf_paths(params)
   nodes: Dict[LayerPath, Dict[str, Any]] = {}
   for path, leaf in leaves.items():
@@ -94,7 +104,8 @@ def find_layers(params: Any, layers: Optional[Sequence[LayerPath]] = None) -> Di
   for node_path, node in nodes.items():
     kernel = node.get("kernel")
     is_layer = (kernel is not None and jnp.ndim(kernel) >= 2
-                and set(node) <= {"kernel", "bias"})
+                and set(node) <= {"kernel", "bias"}
+                and not (dense_only and jnp.ndim(kernel) > 2))
     if wanted is not None:
       if node_path not in wanted:
         continue
@@ -122,16 +133,19 @@ def layer_mask(params: Any, infos: Mapping[str, LayerInfo]) -> Any:
   return jax.tree_util.tree_unflatten(treedef, mask)
 
 
-CAPTURED = "captured"
 NOT_CAPTURED = "not captured by this curvature"
 
 
-def coverage_layers(method: str, layers: Any) -> Tuple[Optional[Tuple[LayerPath, ...]], bool]:
-  """`layers=` of a layer-wise method as (explicit paths or `None`, captured_only)."""
+def coverage_layers(method: str, layers: Any
+                    ) -> Tuple[Union[None, str, Tuple[LayerPath, ...]], bool]:
+  """`layers=` of a layer-wise method as (explicit paths, `'dense'` or `None`,
+  captured_only)."""
   if isinstance(layers, str):
+    if layers == DENSE:
+      return DENSE, False
     if layers != CAPTURED:
-      raise ValueError(f"{method}: layers= must be None, '{CAPTURED}' or a list of layer "
-                       f"paths, got {layers!r}")
+      raise ValueError(f"{method}: layers= must be None, '{CAPTURED}', '{DENSE}' or a list "
+                       f"of layer paths, got {layers!r}")
     return None, True
   return (None if layers is None else tuple(tuple(p) for p in layers)), False
 
@@ -198,7 +212,7 @@ class LayerCoverage(engine.Coverage):
   """The captured layers of `params` (or only `layers`), in their matrix views.
 
   Attributes:
-    layers: optional explicit layer paths (default: every kernel/bias node).
+    layers: optional explicit layer paths or `'dense'` (default: every kernel/bias node).
     needs: what the method needs from `curvature`, for the missing-curvature error.
     fisher: the capture kind the method accepts (`None`: either).
     captured_only: precondition only the layers the step's curvature records; the others
@@ -206,7 +220,7 @@ class LayerCoverage(engine.Coverage):
       optimizers send those leaves to their first-order fallback).
   """
 
-  layers: Optional[Tuple[LayerPath, ...]] = None
+  layers: Union[None, str, Tuple[LayerPath, ...]] = None
   needs: str = "per-layer inputs and output gradients"
   fisher: Optional[str] = None
   captured_only: bool = False
