@@ -305,7 +305,7 @@ _PRESETS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
     ("shampoo", dict(
         learning_rate=1e-3,
         hparams={"damping": 1e-3, "momentum": 0.9, "stats_every": 1, "inverse_every": 20,
-                 "graft": "adam"},
+                 "graft": "adam", "kl_clip": None},
         fisher=None,
         reference="Gupta, Koren & Singer 2018, as the TNT paper's baseline: lr 1e-3, eps "
                   "1e-4, roots every 20 steps, Adam grafting; sweep chose lr 1e-3, eps "

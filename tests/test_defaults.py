@@ -14,8 +14,11 @@ import pytest
 import secondorder_optax as soo
 from tests import models
 
-METHODS = ("kfac", "ekfac", "tkfac", "tekfac", "tnt", "shampoo", "mbf", "seng")
-FISHER = {"mbf": "empirical", "seng": "empirical"}
+# SOAP (Adam in Shampoo's eigenbasis at an Adam-scale rate 1e-2) reaches 0.58× / 0.66× here,
+# as Adam at 1e-2 does (docs/defaults.md); its own tests cover its defaults.
+METHODS = ("kfac", "ekfac", "tkfac", "tekfac", "tnt", "shampoo", "mbf", "seng", "kbfgs")
+FISHER = {"mbf": "empirical", "seng": "empirical", "kbfgs": "empirical"}
+SECOND_PASS = ("kbfgs",)  # its update also takes the capture as a function of the params
 BATCH = 32
 STEPS = 30
 
@@ -41,7 +44,10 @@ def _train(method, input_scale):
   @jax.jit
   def step(params, state, rng):
     loss, grads, curvature = curv_fn(params, x, y, rng)
-    updates, state = tx.update(grads, state, params, curvature=curvature)
+    extra = {}
+    if method in SECOND_PASS:
+      extra["curvature_fn"] = lambda p: curv_fn(p, x, y, rng)[2]
+    updates, state = tx.update(grads, state, params, curvature=curvature, **extra)
     return optax.apply_updates(params, updates), state, loss
 
   state = tx.init(params)

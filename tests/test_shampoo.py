@@ -6,6 +6,8 @@ running-averages the statistics, takes `(H_i + εI)^(-1/(2k))` by float64 `eigh`
 `⊗_i R_i` as one dense matrix and applies it to the row-major `vec(∇)`.
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,6 +66,32 @@ def test_direction_equals_dense_kronecker_roots_for_every_rank(stats_decay):
     assert_close(direction[name], shampoo_direction(stats, history[-1]).reshape(shape))
 
 
+def test_blocked_direction_equals_dense_roots_per_block():
+  """With `block_size=3` every full mode longer than 3 is cut into nearly equal segments
+  (`np.array_split`), and each block gets the dense roots of its own statistics."""
+  grads = [random_tree(seed) for seed in range(20, 23)]
+  tx = soo.scale_by_shampoo(damping=EPS, stats_decay=0.7, inverse_every=1,
+                            max_factor_dim=MAX_DIM, block_size=3)
+  direction, state = run(tx, grads)
+  assert int(state.failures) == 0
+  for name, (shape, modes, diagonal) in TENSORS.items():
+    history = [np.reshape(f64(g)[name], modes) for g in grads]
+    segments = [[np.arange(d)] if i in diagonal else np.array_split(np.arange(d), -(-d // 3))
+                for i, d in enumerate(modes)]
+    expected = np.zeros(modes)
+    for block in itertools.product(*segments):
+      index = np.ix_(*block)
+      stats = running_statistics([h[index] for h in history], diagonal, 0.7)
+      expected[index] = shampoo_direction(stats, history[-1][index])
+    assert_close(direction[name], expected.reshape(shape))
+  rules = soo.describe(tx, grads[0], print_fn=None)
+  assert rules["matrix"] == "shampoo: 2 blocks (2×1) of modes (2, 3); modes (2, 3), full factors"
+  assert rules["wide"] == "shampoo: modes (12, 3), diagonal: mode 0"
+  assert rules["conv"].startswith("shampoo: 4 blocks (2×1×2) of modes (2, 3, 2)")
+  with pytest.raises(ValueError, match="shampoo: block_size must be an integer >= 2"):
+    soo.shampoo(block_size=1)
+
+
 @pytest.mark.parametrize("graft", ["rmsprop", "adam"])
 def test_grafting_takes_the_first_order_step_norm(graft):
   b1, b2, eps = 0.8, 0.9, 1e-3
@@ -101,7 +129,8 @@ def test_mixed_pytree_without_curvature():
     assert_close(leaf_paths(direction)[path], expected)
   losses, state = train_without_curvature(tx, loss_fn, params)
   assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
-  (graft_state,) = [s for s in state if isinstance(s, soo.GraftState)]
+  is_graft = lambda s: isinstance(s, soo.GraftState)
+  (graft_state,) = [s for s in jax.tree.leaves(state, is_leaf=is_graft) if is_graft(s)]
   shampoo_state = graft_state.direction
   assert int(shampoo_state.count) == 25 and int(shampoo_state.failures) == 0
 
@@ -142,7 +171,7 @@ def test_inject_hyperparams_traces_refresh_periods():
   """Without static_args, injected refresh periods and graft settings are traced."""
   params = {"w": jnp.ones((3, 2)), "s": jnp.ones(())}
   tx = optax.inject_hyperparams(soo.shampoo)(learning_rate=0.1, inverse_every=1,
-                                             graft="adam")
+                                             graft="adam", kl_clip=None)
   state = tx.init(params)
   state.hyperparams["inverse_every"] = jnp.asarray(1, jnp.int32)  # not weakly typed
   step = jax.jit(tx.update)

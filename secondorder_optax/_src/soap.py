@@ -181,13 +181,9 @@ class SoapCoverage(tm.LeafCoverage):
   """`tensor_modes.LeafCoverage` where leaves of rank 0 or 1 have no rotated mode (plain
   Adam, as the paper's default)."""
 
-  def units(self, method, params, statistics):
-    if statistics is not None or self.max_factor_dim is None:
-      return super().units(method, params, statistics)
-    return {key: tm.mode_layout(jnp.shape(leaf),
-                                self.max_factor_dim if jnp.ndim(leaf) >= 2 else 0,
-                                jnp.asarray(leaf).dtype)
-            for key, leaf in zip(tm.leaf_keys(params), jax.tree.leaves(params))}
+  def leaf_layout(self, leaf):
+    limit = self.max_factor_dim if jnp.ndim(leaf) >= 2 else 0
+    return tm.mode_layout(jnp.shape(leaf), limit, jnp.asarray(leaf).dtype)
 
 
 def scale_by_soap(

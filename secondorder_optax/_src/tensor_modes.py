@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from secondorder_optax._src import engine, layerwise, linalg, validation
+from secondorder_optax._src import blocking, engine, layerwise, linalg, validation
 from secondorder_optax._src.base import Curvature, path_to_str, stats_dtype
 
 Array = jax.Array
@@ -213,7 +213,8 @@ def _check_leaves(method: str, source: Any, updates: Any, what: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class LeafCoverage(engine.Coverage):
-  """Every parameter leaf is a unit, seen as a tensor with per-mode factors.
+  """Every parameter leaf is a unit, seen as a tensor with per-mode factors, or, with
+  `block_size`, cut into blocks that are units of their own (`blocking`).
 
   Attributes:
     max_factor_dim: modes larger than this keep a diagonal factor (read at `init`; at
@@ -222,23 +223,68 @@ class LeafCoverage(engine.Coverage):
     uses_curvature: the statistics come from `curvature.fisher_grads` when a curvature is
       given (TNT), else from `statistics_grads=` or the updates; without it (Shampoo) they
       always come from the updates.
+    block_size: `None`, or full modes longer than this are cut into nearly equal segments
+      and the leaf into the blocks they make (block-diagonal factors).
   """
 
   max_factor_dim: Optional[int] = None
   uses_curvature: bool = False
+  block_size: Optional[int] = None
+
+  def leaf_layout(self, leaf: Any) -> ModeLayout:
+    """The layout of a whole leaf at `init` (its diagonal modes)."""
+    return mode_layout(jnp.shape(leaf), self.max_factor_dim, jnp.asarray(leaf).dtype)
+
+  def _partition(self, layout: ModeLayout) -> blocking.Partition:
+    return blocking.partition(layout.modes, layout.diagonal, self.block_size)
+
+  def _leaf_units(self, key: str, layout: ModeLayout) -> Dict[str, ModeLayout]:
+    """`{unit key: layout}` of one leaf: the leaf itself, or its blocks."""
+    part = self._partition(layout)
+    if part.count == 1:
+      return {key: layout}
+    return {blocking.block_key(key, index): ModeLayout(
+                shape=part.block_modes(index), modes=part.block_modes(index),
+                diagonal=layout.diagonal, dtype=layout.dtype)
+            for index in part.indices()}
+
+  def _stored_layout(self, method: str, key: str, leaf: Any, statistics) -> ModeLayout:
+    """The whole leaf's layout at `update`, its diagonal modes read from the state (from
+    the first block's factors when the leaf is cut)."""
+    shape = jnp.shape(leaf)
+    first = blocking.block_key(key, (0,) * len(tensor_modes(shape)))
+    if key not in statistics and first not in statistics:
+      raise ValueError(f"{method}: the updates have leaf {key!r} (shape {tuple(shape)}), "
+                       f"but the state holds no factors for it; was the state initialised "
+                       f"for other parameters?")
+    factors = statistics[key] if key in statistics else statistics[first]
+    modes = tensor_modes(shape)
+    if len(factors) != len(modes):
+      layout_from_factors(shape, factors)  # raises its clear error
+    return ModeLayout(shape=tuple(shape), modes=modes,
+                      diagonal=tuple(f.ndim == 1 for f in factors), dtype=factors[0].dtype)
 
   def units(self, method, params, statistics):
     keys, leaves = leaf_keys(params), jax.tree.leaves(params)
+    units = {}
     if statistics is None:
       if self.max_factor_dim is None:
         raise ValueError(f"{method}: max_factor_dim fixes the factor shapes and must be a "
                          f"concrete integer at init (call init outside jit)")
-      return layouts(params, self.max_factor_dim)
-    if set(keys) != set(statistics):
-      raise ValueError(f"{method}: the updates have leaves {sorted(keys)} but the state was "
+      for key, leaf in zip(keys, leaves):
+        units.update(self._leaf_units(key, self.leaf_layout(leaf)))
+      return units
+    for key, leaf in zip(keys, leaves):
+      units.update(self._leaf_units(key, self._stored_layout(method, key, leaf, statistics)))
+    if set(units) != set(statistics):
+      raise ValueError(f"{method}: the updates have units {sorted(units)} but the state was "
                        f"initialised for {sorted(statistics)}")
-    return {key: layout_from_factors(jnp.shape(leaf), statistics[key])
-            for key, leaf in zip(keys, leaves)}
+    for key, layout in units.items():
+      expected = [f.shape for f in zero_factors(layout, layout.dtype)]
+      if [jnp.shape(f) for f in statistics[key]] != expected:
+        raise ValueError(f"{method}: the state's factors of {key!r} do not match the "
+                         f"leaf's; was the state initialised for other parameters?")
+    return units
 
   def source(self, method, updates, units, curvature, extra_args):
     statistics_grads = extra_args.get("statistics_grads")
@@ -254,32 +300,78 @@ class LeafCoverage(engine.Coverage):
       return layerwise.to_pure(statistics_grads)
     return updates
 
+  def _leaf_blocks(self, tree: Any, units: Dict[str, ModeLayout]):
+    """Per leaf of `tree`: its unit keys, its partition and the leaf itself."""
+    for key, leaf in zip(leaf_keys(tree), jax.tree.leaves(tree)):
+      if key in units:
+        yield [key], None, leaf
+        continue
+      shape = jnp.shape(leaf)
+      modes = tensor_modes(shape)
+      first = units[blocking.block_key(key, (0,) * len(modes))]
+      layout = ModeLayout(shape=tuple(shape), modes=modes, diagonal=first.diagonal)
+      part = self._partition(layout)
+      yield [blocking.block_key(key, index) for index in part.indices()], part, leaf
+
   def read(self, source, units):
     if isinstance(source, Curvature):
       # Per-example Fisher scale: N × the Gram of the mean gradient at Fisher targets, as
       # KFAC's factors (a step of the mean gradient's Gram alone is N times too long).
       root_batch = math.sqrt(source.batch_size or 1)
       source = jax.tree.map(lambda g: g * root_batch, source.materialize()[1])
-    return {key: to_modes(leaf.astype(layout.dtype), layout)
-            for (key, layout), leaf in zip(units.items(), jax.tree.leaves(source))}
+    data = {}
+    for keys, part, leaf in self._leaf_blocks(source, units):
+      dtype = units[keys[0]].dtype
+      if part is None:
+        data[keys[0]] = to_modes(leaf.astype(dtype), units[keys[0]])
+      else:
+        tensor = jnp.reshape(leaf.astype(dtype), tensor_modes(jnp.shape(leaf)))
+        data.update(zip(keys, part.split(tensor)))
+    return data
 
   def gather(self, updates, units):
     return self.read(updates, units)
 
   def scatter(self, directions, updates, units):
     leaves, treedef = jax.tree.flatten(updates)
-    return jax.tree.unflatten(treedef, [
-        from_modes(directions[key], layout).astype(leaf.dtype)
-        for (key, layout), leaf in zip(units.items(), leaves)])
+    out = []
+    for (keys, part, leaf) in self._leaf_blocks(updates, units):
+      if part is None:
+        direction = from_modes(directions[keys[0]], units[keys[0]])
+      else:
+        direction = jnp.reshape(part.join([directions[k] for k in keys]), jnp.shape(leaf))
+      out.append(direction.astype(leaf.dtype))
+    return jax.tree.unflatten(treedef, out)
 
   def leaf_rules(self, algorithm, params, units, fallback_name, captured=None):
-    return {path: f"{algorithm.name}: {algorithm.describe(units[path_to_str(path)])}"
-            for path in layerwise.leaf_paths(params)}
+    rules = {}
+    for path, (keys, part, _) in zip(layerwise.leaf_paths(params),
+                                     self._leaf_blocks(params, units)):
+      text = algorithm.describe(units[keys[0]])
+      if part is not None:
+        grid = "×".join(str(n) for n in part.grid)
+        sizes = sorted({units[k].modes for k in keys})
+        text = (f"{part.count} blocks ({grid}) of modes "
+                f"{', '.join(str(s) for s in sizes)}; {text}")
+      rules[path] = f"{algorithm.name}: {text}"
+    return rules
+
+
+def check_block_size(method: str, block_size: Any) -> Optional[int]:
+  """`None`, or a concrete integer >= 2 (it fixes the units, so it cannot be traced)."""
+  if block_size is None:
+    return None
+  if isinstance(block_size, jax.core.Tracer):
+    raise ValueError(f"{method}: block_size fixes the factor shapes and must be a concrete "
+                     f"integer or None; with optax.inject_hyperparams pass "
+                     f"static_args=('block_size',)")
+  return validation.check_structural_int(method, "block_size", block_size, minimum=2)
 
 
 def factor_transformation(algorithm: engine.Algorithm, *, damping: Any, stats_decay: Any,
                           stats_every: Any, inverse_every: Any, max_factor_dim: Any,
-                          uses_curvature: bool = False, summed_statistics: bool = False):
+                          block_size: Optional[int] = None, uses_curvature: bool = False,
+                          summed_statistics: bool = False):
   """The engine's transformation of a per-leaf `algorithm`, its arguments checked."""
   validation.check_schedule(algorithm.name, damping=damping, stats_decay=stats_decay,
                             stats_every=stats_every, inverse_every=inverse_every,
@@ -287,6 +379,7 @@ def factor_transformation(algorithm: engine.Algorithm, *, damping: Any, stats_de
                             summed_statistics=summed_statistics)
   limit = validation.check_structural_int(algorithm.name, "max_factor_dim", max_factor_dim)
   return engine.transformation(
-      algorithm, LeafCoverage(max_factor_dim=limit, uses_curvature=uses_curvature),
+      algorithm, LeafCoverage(max_factor_dim=limit, uses_curvature=uses_curvature,
+                              block_size=check_block_size(algorithm.name, block_size)),
       damping=damping, stats_decay=stats_decay, stats_every=stats_every,
       inverse_every=inverse_every)
