@@ -109,7 +109,7 @@ def tnt(
     damping: ScalarOrSchedule = 3.0,
     momentum: Optional[float] = 0.9,
     weight_decay: float = 0.0,
-    kl_clip: Optional[float] = 0.03,
+    kl_clip: Optional[float] = 0.05,
     stats_decay: ScalarOrSchedule = 0.9,
     stats_every: Period = STATS_EVERY,
     inverse_every: Period = INVERSE_EVERY,
@@ -140,8 +140,10 @@ def tnt(
       `None` or 0 for none (see `soo.kfac` and `docs/defaults.md`).
     weight_decay: decoupled weight decay coefficient.
     kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
-      (`soo.clip_by_kl`); 0.03 by default, looser than the Kronecker methods' 0.01 (with
-      inputs ×1e4, 30 steps took a tiny MLP from 1.25 to 0.70 at 0.01, to 0.45 at 0.03).
+      (`soo.clip_by_kl`). 0.05: the full MNIST autoencoder reaches Adam's 10-epoch loss
+      after 2.25 epochs (2.75 at 0.03), the Fashion-MNIST CNN ends 78 steps at 0.489
+      (0.476 at 0.03; 0.593 at 0.1, above Adam's 0.536), the digits MLP at 0.040 (0.122);
+      `docs/defaults.md`.
     stats_decay: EMA weight of the old statistics (the first finite statistic initialises
       them).
     stats_every: update the statistics at steps where `count % stats_every == 0` (an
