@@ -235,32 +235,40 @@ class LeafCoverage(engine.Coverage):
     """The layout of a whole leaf at `init` (its diagonal modes)."""
     return mode_layout(jnp.shape(leaf), self.max_factor_dim, jnp.asarray(leaf).dtype)
 
-  def _partition(self, layout: ModeLayout) -> blocking.Partition:
-    return blocking.partition(layout.modes, layout.diagonal, self.block_size)
+  def _cut(self, key: str, shape: Tuple[int, ...], diagonal: Tuple[bool, ...]
+           ) -> Tuple[Tuple[str, ...], Optional[blocking.Partition]]:
+    """A leaf's unit keys and its partition (`None` when it stays one unit)."""
+    part = blocking.partition(tensor_modes(shape), diagonal, self.block_size)
+    if part.count == 1:
+      return (key,), None
+    return tuple(blocking.block_key(key, index) for index in part.indices()), part
 
   def _leaf_units(self, key: str, layout: ModeLayout) -> Dict[str, ModeLayout]:
     """`{unit key: layout}` of one leaf: the leaf itself, or its blocks."""
-    part = self._partition(layout)
-    if part.count == 1:
+    keys, part = self._cut(key, layout.shape, layout.diagonal)
+    if part is None:
       return {key: layout}
-    return {blocking.block_key(key, index): ModeLayout(
-                shape=part.block_modes(index), modes=part.block_modes(index),
-                diagonal=layout.diagonal, dtype=layout.dtype)
-            for index in part.indices()}
+    return {block: ModeLayout(shape=part.block_modes(index), modes=part.block_modes(index),
+                              diagonal=layout.diagonal, dtype=layout.dtype)
+            for block, index in zip(keys, part.indices())}
 
   def _stored_layout(self, method: str, key: str, leaf: Any, statistics) -> ModeLayout:
     """The whole leaf's layout at `update`, its diagonal modes read from the state (from
     the first block's factors when the leaf is cut)."""
     shape = jnp.shape(leaf)
-    first = blocking.block_key(key, (0,) * len(tensor_modes(shape)))
-    if key not in statistics and first not in statistics:
+    if key in statistics:
+      return layout_from_factors(shape, statistics[key])
+    modes = tensor_modes(shape)
+    first = blocking.block_key(key, (0,) * len(modes))
+    if first not in statistics:
       raise ValueError(f"{method}: the updates have leaf {key!r} (shape {tuple(shape)}), "
                        f"but the state holds no factors for it; was the state initialised "
                        f"for other parameters?")
-    factors = statistics[key] if key in statistics else statistics[first]
-    modes = tensor_modes(shape)
+    factors = statistics[first]
     if len(factors) != len(modes):
-      layout_from_factors(shape, factors)  # raises its clear error
+      raise ValueError(f"{method}: a leaf of shape {tuple(shape)} has modes {modes}, but the "
+                       f"optimizer state holds {len(factors)} factors per block; was the "
+                       f"state initialised for other parameters?")
     return ModeLayout(shape=tuple(shape), modes=modes,
                       diagonal=tuple(f.ndim == 1 for f in factors), dtype=factors[0].dtype)
 
@@ -301,17 +309,11 @@ class LeafCoverage(engine.Coverage):
     return updates
 
   def _leaf_blocks(self, tree: Any, units: Dict[str, ModeLayout]):
-    """Per leaf of `tree`: its unit keys, its partition and the leaf itself."""
+    """Per leaf of `tree`: its unit keys, its partition (`None`: one unit) and the leaf."""
     for key, leaf in zip(leaf_keys(tree), jax.tree.leaves(tree)):
-      if key in units:
-        yield [key], None, leaf
-        continue
       shape = jnp.shape(leaf)
-      modes = tensor_modes(shape)
-      first = units[blocking.block_key(key, (0,) * len(modes))]
-      layout = ModeLayout(shape=tuple(shape), modes=modes, diagonal=first.diagonal)
-      part = self._partition(layout)
-      yield [blocking.block_key(key, index) for index in part.indices()], part, leaf
+      unit = units.get(key) or units[blocking.block_key(key, (0,) * len(tensor_modes(shape)))]
+      yield (*self._cut(key, shape, unit.diagonal), leaf)
 
   def read(self, source, units):
     if isinstance(source, Curvature):
