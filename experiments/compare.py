@@ -106,8 +106,16 @@ def parse_settings(items: Sequence[str]) -> Dict[str, Any]:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
       raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-    settings[key.strip()] = methods_lib.parse_value(text)
+    key = key.strip()
+    if key in _GRID_KEYS:
+      raise ValueError(f"--set {key}=... would be overridden by the grid: pass "
+                       f"{_GRID_KEYS[key]} {text} instead")
+    settings[key] = methods_lib.parse_value(text)
   return settings
+
+
+# Settings the learning-rate and damping grids own (Adam's damping is its eps).
+_GRID_KEYS = {"learning_rate": "--lrs", "damping": "--dampings", "eps": "--dampings"}
 
 
 def method_grid(method: methods_lib.Method, args: argparse.Namespace):

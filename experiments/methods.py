@@ -342,9 +342,12 @@ _PRESETS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
                   "(docs/kbfgs.md)")),
     ("seng", dict(
         learning_rate=1.0,
-        hparams={"damping": 0.01, "kl_clip": 0.01, "momentum": 0.9, "inverse_every": 200},
+        hparams={"damping": 0.01, "kl_clip": 0.01, "momentum": 0.9, "inverse_every": 200,
+                 "centered": False, "max_damping_drop": float("inf")},
         fisher="empirical",
-        reference="Yang et al., J. Sci. Comput. 2022: empirical Fisher, curvature "
+        reference="Yang et al., J. Sci. Comput. 2022: the paper's (uncentred) empirical "
+                  "Fisher, no damping floor (its momentum restarts at the refreshes since "
+                  "the eighth round of defaults); curvature "
                   "refreshed every 200 steps (SENG issue default; grid centre lr 1e-2, "
                   "damping 1.0); sweep chose lr 0.1, damping 100 (246.8, both grid "
                   "edges). KL-clipped round: lr 1 (grid edge), damping 0.01, kl_clip 0.01 "

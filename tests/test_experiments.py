@@ -273,6 +273,8 @@ def test_parse_settings():
       "a": 1, "b": 0.5, "c": None, "d": True, "e": "adam"}
   with pytest.raises(ValueError, match="KEY=VALUE"):
     compare.parse_settings(["kl_clip"])
+  with pytest.raises(ValueError, match="--dampings 0.1"):
+    compare.parse_settings(["damping=0.1"])  # the damping grid would override it
 
 
 def test_merge_joins_separate_runs(tmp_path):

@@ -2,8 +2,11 @@
 
 A layer's static `SengPlan` says whether `U` is never formed (dense layers: a Hadamard Gram),
 formed explicitly (small convolutions), or replaced by per-example low-rank outer products
-(large convolutions), and where the k×k Gram is sketched. Here: the plans, the held factors,
-their (sketched) Grams, and the SMW direction `(1/λ)(∇ − Uᵀ (λI + UUᵀ)⁻¹ U ∇)`.
+(large convolutions), where the k×k Gram is sketched, and whether `U`'s rows are centred
+(`U_c = P U`, `P = I − 11ᵀ/k`: the covariance of the per-example gradients instead of their
+second moment). Here: the plans, the held factors, their (sketched) Grams, and the SMW
+direction `(1/λ)(∇ − U_cᵀ (λI + U_c U_cᵀ)⁻¹ U_c ∇)`. Centring never forms `U_c`: its Gram is
+`P (U Uᵀ) P` and `U_c ∇ = P (U ∇)`, `U_cᵀ w = Uᵀ (P w)` (subtracting a k-vector's mean).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from secondorder_optax._src import damping as damping_lib
 from secondorder_optax._src import layerwise, linalg, patches, validation
 from secondorder_optax._src.base import LayerStats
 
@@ -38,7 +42,10 @@ class SengPlan:
       0 for 'explicit').
     sketch: sampled sizes, 0 meaning no sketch: `(columns,)` for 'explicit',
       `(input rows, output rows)` for 'low_rank', `()` for 'hadamard'.
-  
+    centered: whether the rows of `U` have their mean (the gradient) removed.
+    max_damping_drop: the factor by which the damping's eigenvalue scale may fall per
+      refresh (`damping_scale`).
+
   Example:
     >>> import jax.numpy as jnp, secondorder_optax as soo
     >>> tx = soo.scale_by_seng(damping=0.1, batch_size=8)
@@ -54,10 +61,17 @@ class SengPlan:
   matrix_shape: Tuple[int, int]
   rank: int
   sketch: Tuple[int, ...]
+  centered: bool = False
+  max_damping_drop: float = math.inf
 
   @property
   def size(self) -> int:
     return self.matrix_shape[0] * self.matrix_shape[1]
+
+  @property
+  def gram_rank(self) -> int:
+    """Largest rank of the (centred) Gram: `min(k, d)`, or `min(k − 1, d)` centred."""
+    return max(min(self.examples - int(self.centered), self.size), 1)
 
 
 # A plan is static structure: checkpoints (flax.serialization) store nothing for it and
@@ -106,6 +120,7 @@ class SengLayerState(NamedTuple):
     factors: the stale `U` (`ExplicitFactors` or `OuterProductFactors`).
     gram_inverse: `(λI_k + U Uᵀ)⁻¹` (with the sketched Gram where the plan sketches).
     damping: the λ of `gram_inverse` (read at the last refresh).
+    scale: the eigenvalue scale `λ` is relative to (see `damping_scale`).
     refreshes: successful refreshes so far (draws the sketches' fresh coordinates).
     seed: the sketches' seed (from `init`).
   """
@@ -114,6 +129,7 @@ class SengLayerState(NamedTuple):
   factors: Union[ExplicitFactors, OuterProductFactors]
   gram_inverse: Array
   damping: Array
+  scale: Array
   refreshes: Array
   seed: Array
 
@@ -132,8 +148,27 @@ def static_int(name: str, value: Any, minimum: int) -> int:
   return number
 
 
-def curvature_examples(batch_size: Any, subsample: Any) -> Tuple[int, bool]:
+def static_flag(name: str, value: Any) -> bool:
+  """A switch that fixes the plans, concrete at init (clear error otherwise)."""
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(
+        f"seng: {name} fixes the plans of the optimizer state and must be concrete at init "
+        f"(call init outside jit); after init it is read from the state")
+  return validation.check_flag("seng", name, value)
+
+
+def curvature_examples(batch_size: Any, subsample: Any, centered: bool) -> Tuple[int, bool]:
   """`(k, is_subsample)` from the `batch_size` / `subsample` keywords."""
+  k, is_subsample = _examples(batch_size, subsample)
+  if centered and k < 2:
+    raise ValueError(f"seng: centered=True needs at least 2 curvature examples (one example "
+                     f"has no spread around its own gradient), got "
+                     f"{'subsample' if is_subsample else 'batch_size'}={k}; pass "
+                     f"centered=False for the empirical Fisher of a single example")
+  return k, is_subsample
+
+
+def _examples(batch_size: Any, subsample: Any) -> Tuple[int, bool]:
   if subsample is not None:
     k = static_int("subsample", subsample, 1)
     if batch_size is not None and k > static_int("batch_size", batch_size, 1):
@@ -149,9 +184,10 @@ def curvature_examples(batch_size: Any, subsample: Any) -> Tuple[int, bool]:
 
 def make_plan(info: layerwise.LayerInfo, examples: int, subsample: bool,
                several_locations: bool, explicit_threshold: int, sketch_size: Optional[int],
-               svd_rank: int) -> SengPlan:
+               svd_rank: int, centered: bool, max_damping_drop: float) -> SengPlan:
   d_in, d_out = info.matrix_shape
-  common = dict(examples=examples, subsample=subsample, matrix_shape=(d_in, d_out))
+  common = dict(examples=examples, subsample=subsample, matrix_shape=(d_in, d_out),
+                centered=centered, max_damping_drop=max_damping_drop)
   if not several_locations:
     return SengPlan(kind="hadamard", rank=1, sketch=(), **common)
   size = d_in * d_out
@@ -181,12 +217,14 @@ def initial_state(plan: SengPlan, seed: int) -> SengLayerState:
   return SengLayerState(plan=plan, factors=factors,
                         gram_inverse=jnp.zeros((k, k), jnp.float32),
                         damping=jnp.ones((), jnp.float32),
+                        scale=jnp.ones((), jnp.float32),
                         refreshes=jnp.zeros((), jnp.int32),
                         seed=jnp.asarray(seed, jnp.int32))
 
 
 def describe_plan(plan: SengPlan) -> str:
   k = f"{plan.examples} {'subsampled ' if plan.subsample else ''}examples"
+  k += ", centred" if plan.centered else ""
   if plan.kind == "hadamard":
     return f"exact SMW, Hadamard Gram (dense), {k}"
   if plan.kind == "explicit":
@@ -289,12 +327,37 @@ def _outer_product_gram(factors: OuterProductFactors, plan: SengPlan) -> Array:
   return products.reshape(k, p, k, p).sum(axis=(1, 3))
 
 
+def damping_scale(gram: Array, plan: SengPlan, previous: SengLayerState) -> Array:
+  """The eigenvalue scale of the relative damping: the Gram's mean nonzero eigenvalue
+  `tr / min(k [− 1], d)`, but at most `plan.max_damping_drop` times below the previous
+  refresh's scale.
+
+  Near an interpolating fit the per-example gradients, and with them the empirical Fisher
+  and a damping relative to it, vanish like the residuals squared while the gradient
+  vanishes like the residuals: the damped direction then grows like 1/residual (a 4-8-3
+  MLP jumped from loss 8e-4 to 26 at such a refresh). The scale follows a growing Fisher
+  at once and a vanishing one by `max_damping_drop` per refresh.
+  """
+  mean = damping_lib.mean_eigenvalue(gram, plan.gram_rank)
+  floor = previous.scale / jnp.asarray(plan.max_damping_drop, mean.dtype)
+  return jnp.where(previous.refreshes > 0, jnp.maximum(mean, floor), mean)
+
+
+def _centered_gram(gram: Array) -> Array:
+  """`P G P` with `P = I − 11ᵀ/k`: the Gram of the centred rows."""
+  gram = gram - gram.mean(axis=0, keepdims=True)
+  return gram - gram.mean(axis=1, keepdims=True)
+
+
 def refresh_factors(stats: LayerStats, plan: SengPlan, rng: Array):
+  """`(factors, Gram)`: the held `U` and its (sketched, centred if planned) k×k Gram."""
   if plan.kind == "explicit":
     factors = _explicit_factors(stats, plan, rng)
-    return factors, _explicit_gram(factors, plan)
-  factors = _outer_product_factors(stats, plan, rng)
-  return factors, _outer_product_gram(factors, plan)
+    gram = _explicit_gram(factors, plan)
+  else:
+    factors = _outer_product_factors(stats, plan, rng)
+    gram = _outer_product_gram(factors, plan)
+  return factors, _centered_gram(gram) if plan.centered else gram
 
 
 # ---------------------------------------------------------------------------------------
@@ -319,8 +382,15 @@ def _apply_u_transpose(factors, weights: Array, shape: Tuple[int, int]) -> Array
   return jnp.matmul(weighted.T, factors.output_grads.reshape(k * p, -1), precision=_HIGHEST)
 
 
+def _center(vector: Array, plan: SengPlan) -> Array:
+  return vector - vector.mean() if plan.centered else vector
+
+
 def direction(state: SengLayerState, grad: Array) -> Array:
-  """`(1/λ)(∇ − Uᵀ (λI + UUᵀ)⁻¹ U ∇)` with the held factors, inverse and λ."""
-  weights = jnp.matmul(state.gram_inverse, _apply_u(state.factors, grad), precision=_HIGHEST)
+  """`(1/λ)(∇ − U_cᵀ (λI + U_c U_cᵀ)⁻¹ U_c ∇)` with the held factors, inverse and λ
+  (`U_c = P U` centred, or `U`)."""
+  plan = state.plan
+  projected = _center(_apply_u(state.factors, grad), plan)
+  weights = _center(jnp.matmul(state.gram_inverse, projected, precision=_HIGHEST), plan)
   correction = _apply_u_transpose(state.factors, weights, grad.shape)
   return (grad - correction) / state.damping

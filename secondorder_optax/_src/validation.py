@@ -98,6 +98,15 @@ def check_structural_int(method: str, name: str, value: Any, minimum: int = 1) -
   return int(number)
 
 
+def check_at_least(method: str, name: str, value: Any, minimum: float) -> None:
+  """A number `>= minimum` (or traced: `optax.inject_hyperparams` inside `jit`)."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  number = concrete(value)
+  if number is None or isinstance(number, bool) or not number >= minimum:
+    raise ValueError(f"{method}: {name} must be a number >= {minimum}, got {value!r}")
+
+
 def check_flag(method: str, name: str, value: Any) -> bool:
   """A Python-level switch (e.g. `pi_correction`); concrete arrays are accepted."""
   if isinstance(value, jax.core.Tracer):
