@@ -75,6 +75,8 @@ def test_blocked_direction_equals_dense_roots_per_block():
   direction, state = run(tx, grads)
   assert int(state.failures) == 0
   for name, (shape, modes, diagonal) in TENSORS.items():
+    # A mode above max_factor_dim whose blocks fit under it is cut, not diagonal ("wide").
+    diagonal = diagonal if name == "scalar" else ()
     history = [np.reshape(f64(g)[name], modes) for g in grads]
     segments = [[np.arange(d)] if i in diagonal else np.array_split(np.arange(d), -(-d // 3))
                 for i, d in enumerate(modes)]
@@ -86,7 +88,13 @@ def test_blocked_direction_equals_dense_roots_per_block():
     assert_close(direction[name], expected.reshape(shape))
   rules = soo.describe(tx, grads[0], print_fn=None)
   assert rules["matrix"] == "shampoo: 2 blocks (2×1) of modes (2, 3); modes (2, 3), full factors"
-  assert rules["wide"] == "shampoo: modes (12, 3), diagonal: mode 0"
+  assert rules["wide"].startswith("shampoo: 4 blocks (4×1) of modes (3, 3)")
+  unblocked = soo.describe(soo.scale_by_shampoo(max_factor_dim=MAX_DIM, block_size=9),
+                           grads[0], print_fn=None)  # blocks of 6 fit under 8
+  assert unblocked["wide"].startswith("shampoo: 2 blocks (2×1) of modes (6, 3)")
+  too_big = soo.describe(soo.scale_by_shampoo(max_factor_dim=5, block_size=9), grads[0],
+                         print_fn=None)  # blocks of 6 > 5: diagonal, so not cut
+  assert too_big["wide"] == "shampoo: modes (12, 3), diagonal: mode 0"
   assert rules["conv"].startswith("shampoo: 4 blocks (2×1×2) of modes (2, 3, 2)")
   with pytest.raises(ValueError, match="shampoo: block_size must be an integer >= 2"):
     soo.shampoo(block_size=1)

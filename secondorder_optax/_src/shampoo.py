@@ -197,7 +197,9 @@ def shampoo(
     inverse_every: recompute the roots at steps where `count % inverse_every == 0`;
       default `soo.growing_period(50)`, frequent early and every 50 steps later
       (`docs/defaults.md`).
-    max_factor_dim: modes larger than this keep a diagonal statistic.
+    max_factor_dim: modes larger than this keep a diagonal statistic (with `block_size`,
+      only those whose blocks are larger: a mode of 4096 at `block_size=1024` is cut into
+      four full blocks).
     block_size: `None`, or an integer >= 2: full modes longer than this are cut into
       `⌈d / block_size⌉` nearly equal segments, and each block of a leaf gets its own
       statistics and roots (block-diagonal Shampoo, as Distributed Shampoo). Cheaper

@@ -73,13 +73,15 @@ def tensor_modes(shape: Tuple[int, ...]) -> Tuple[int, ...]:
   return modes
 
 
-def mode_layout(shape: Tuple[int, ...], max_factor_dim: int, dtype: Any = jnp.float32
-                ) -> ModeLayout:
-  """The layout of a leaf: its modes, diagonal where above `max_factor_dim` or scalar."""
+def mode_layout(shape: Tuple[int, ...], max_factor_dim: int, dtype: Any = jnp.float32,
+                block_size: Optional[int] = None) -> ModeLayout:
+  """The layout of a leaf: its modes, diagonal where scalar or where the mode's longest
+  block (the whole mode without `block_size`) is above `max_factor_dim`."""
   modes = tensor_modes(shape)
   scalar = math.prod(shape) == 1
+  longest = lambda d: blocking.segments(d, block_size)[0][1]  # the longer segments first
   return ModeLayout(shape=tuple(shape), modes=modes,
-                    diagonal=tuple(scalar or d > max_factor_dim for d in modes),
+                    diagonal=tuple(scalar or longest(d) > max_factor_dim for d in modes),
                     dtype=stats_dtype(dtype))
 
 
@@ -217,7 +219,8 @@ class LeafCoverage(engine.Coverage):
   `block_size`, cut into blocks that are units of their own (`blocking`).
 
   Attributes:
-    max_factor_dim: modes larger than this keep a diagonal factor (read at `init`; at
+    max_factor_dim: modes (with `block_size`: modes whose blocks are) larger than this keep
+      a diagonal factor (read at `init`; at
       `update` the layout is read from the factor shapes in the state, so this may be
       traced by `optax.inject_hyperparams`).
     uses_curvature: the statistics come from `curvature.fisher_grads` when a curvature is
@@ -232,8 +235,10 @@ class LeafCoverage(engine.Coverage):
   block_size: Optional[int] = None
 
   def leaf_layout(self, leaf: Any) -> ModeLayout:
-    """The layout of a whole leaf at `init` (its diagonal modes)."""
-    return mode_layout(jnp.shape(leaf), self.max_factor_dim, jnp.asarray(leaf).dtype)
+    """The layout of a whole leaf at `init` (its diagonal modes): a mode above
+    `max_factor_dim` is cut into blocks when they fit under it, else kept diagonal."""
+    return mode_layout(jnp.shape(leaf), self.max_factor_dim, jnp.asarray(leaf).dtype,
+                       self.block_size)
 
   def _cut(self, key: str, shape: Tuple[int, ...], diagonal: Tuple[bool, ...]
            ) -> Tuple[Tuple[str, ...], Optional[blocking.Partition]]:
