@@ -99,6 +99,10 @@ def _csv_numbers(text: Optional[str], kind=float) -> Optional[List]:
   return [kind(v) for v in text.split(",") if v.strip()]
 
 
+# Settings the learning-rate and damping grids own (Adam's damping is its eps).
+_GRID_KEYS = {"learning_rate": "--lrs", "damping": "--dampings", "eps": "--dampings"}
+
+
 def parse_settings(items: Sequence[str]) -> Dict[str, Any]:
   """`["kl_clip=0.01", "momentum=0.5"]` -> `{"kl_clip": 0.01, "momentum": 0.5}`."""
   settings = {}
@@ -112,10 +116,6 @@ def parse_settings(items: Sequence[str]) -> Dict[str, Any]:
                        f"{_GRID_KEYS[key]} {text} instead")
     settings[key] = methods_lib.parse_value(text)
   return settings
-
-
-# Settings the learning-rate and damping grids own (Adam's damping is its eps).
-_GRID_KEYS = {"learning_rate": "--lrs", "damping": "--dampings", "eps": "--dampings"}
 
 
 def method_grid(method: methods_lib.Method, args: argparse.Namespace):

@@ -55,8 +55,8 @@ under-estimates the curvature of that layer by that energy.
 `init` only sees `params`: give `batch_size=` (then every `curvature` must have exactly that
 many examples) or `subsample=k` (then the first k examples of any batch of at least k are
 used). A mismatch raises a `ValueError` naming both sizes. The plans (and so these sizes,
-`centered`, `max_damping_drop`, `explicit_threshold`, `sketch_size`, `svd_rank`) are fixed at `init` and carried in the state's
-static structure, so `optax.inject_hyperparams` may inject them without effect after `init`;
+`centered`, `max_damping_drop`, `explicit_threshold`, `sketch_size`, `svd_rank`) are fixed
+at `init` and carried in the state's static structure, so `optax.inject_hyperparams` may inject them without effect after `init`;
 `damping` and `inverse_every` can change between steps (`seed` is read at `init` too).
 
 **Refreshes.** Factors, Gram and inverse are recomputed from the current `curvature` where
@@ -116,7 +116,7 @@ class SENG(engine.Algorithm):
     if info.path in self.sequence_paths and len(info.kernel_shape) != 2:
       raise ValueError(f"{_METHOD}: sequence_layers names {info.key}, which is not a dense "
                        f"layer (kernel shape {info.kernel_shape})")
-    centered = sf.static_flag("centered", self.centered)
+    centered = sf.read_at_init("centered", self.centered)
     examples, is_subsample = sf.curvature_examples(self.batch_size, self.subsample, centered)
     sketch = None if self.sketch_size is None else sf.static_int("sketch_size",
                                                                self.sketch_size, 1)
@@ -124,13 +124,7 @@ class SENG(engine.Algorithm):
     return sf.make_plan(info, examples, is_subsample, several,
                       sf.static_int("explicit_threshold", self.explicit_threshold, 0), sketch,
                       sf.static_int("svd_rank", self.svd_rank, 1), centered,
-                      self._max_damping_drop())
-
-  def _max_damping_drop(self) -> float:
-    if self.max_damping_drop is None:
-      raise ValueError("seng: max_damping_drop is read at init and must be concrete there "
-                       "(call init outside jit); after init it is read from the state")
-    return float(self.max_damping_drop)
+                      float(sf.read_at_init("max_damping_drop", self.max_damping_drop)))
 
   def init_preconditioner(self, info):
     return sf.initial_state(self.plan(info), sf.static_int("seed", self.seed, 0))

@@ -148,13 +148,14 @@ def static_int(name: str, value: Any, minimum: int) -> int:
   return number
 
 
-def static_flag(name: str, value: Any) -> bool:
-  """A switch that fixes the plans, concrete at init (clear error otherwise)."""
-  if isinstance(value, jax.core.Tracer):
+def read_at_init(name: str, value: Any) -> Any:
+  """A setting held in the plans (`scale_by_seng` validated it and keeps `None` for a traced
+  one): concrete at init, a clear error otherwise."""
+  if value is None:
     raise ValueError(
         f"seng: {name} fixes the plans of the optimizer state and must be concrete at init "
         f"(call init outside jit); after init it is read from the state")
-  return validation.check_flag("seng", name, value)
+  return value
 
 
 def curvature_examples(batch_size: Any, subsample: Any, centered: bool) -> Tuple[int, bool]:
