@@ -67,8 +67,8 @@ K-BFGS(L) (added with issue 18) was not swept either: its preset is the library 
 (relative damping, as KFAC's). It is the one method that needs a second pass
 (`Method.second_pass`: `update` gets `curvature_fn=`, see `training`).
 
-SOAP (added with issue 18) was not swept: its preset is the paper's defaults (those of
-`soo.soap()`), and its step-time settings are the paper's refresh period, by `eigh` and by
+SOAP (added with issue 18) was not swept: its preset is the paper's defaults (lr 3e-3 as an
+absolute step, `multiply_by_parameter_scale=False`), and its step-time settings are the paper's refresh period, by `eigh` and by
 the QR power-iteration step (`SOAP_REFRESH`).
 
 See README.md, Results.
@@ -312,12 +312,14 @@ _PRESETS: Tuple[Tuple[str, Dict[str, Any]], ...] = (
                   "1e-3 (157.4)")),
     ("soap", dict(
         learning_rate=3e-3,
-        hparams={"damping": 1e-8, "weight_decay": 0.01, "stats_decay": 0.95,
-                 "stats_every": 1, "inverse_every": 10},
+        hparams={"multiply_by_parameter_scale": False, "damping": 1e-8,
+                 "weight_decay": 0.01, "stats_decay": 0.95, "stats_every": 1,
+                 "inverse_every": 10},
         fisher=None,
         reference="Vyas et al., ICLR 2025 (and its official code): lr 3e-3, betas (0.95, "
                   "0.95), shampoo_beta 0.95, eps 1e-8, weight decay 0.01, eigenbases every "
-                  "10 steps; the library defaults, not swept")),
+                  "10 steps, an absolute step (the library's default step is relative to "
+                  "each leaf's RMS); not swept")),
     ("mbf", dict(
         learning_rate=1e-3,
         hparams={"damping": 0.1, "kl_clip": 0.01, "momentum": 0.9, "stats_decay": 0.95,

@@ -59,8 +59,10 @@ METHODS = {
     "mbf": dict(learning_rate=0.1, damping=1e-2, inverse_every=3),
     "seng": dict(learning_rate=0.1, damping=1e-1, batch_size=BATCH, inverse_every=3),
     # eps 1e-3: at 1e-8 Adam's division in the eigenbasis amplifies the reduction-order
-    # differences of near-zero second moments (docs/scale_out.md).
-    "soap": dict(learning_rate=3e-3, damping=1e-3, inverse_every=3),
+    # differences of near-zero second moments (docs/scale_out.md). The absolute step, on
+    # which the tolerance was measured.
+    "soap": dict(learning_rate=3e-3, damping=1e-3, inverse_every=3,
+                 multiply_by_parameter_scale=False),
 }
 # Fisher of the capture per method: sampled where the method reads sampled targets.
 FISHER = {"mbf": "empirical", "seng": "empirical", "shampoo": "empirical",

@@ -14,9 +14,8 @@ import pytest
 import secondorder_optax as soo
 from tests import models
 
-# SOAP (Adam in Shampoo's eigenbasis at an Adam-scale rate 1e-2) reaches 0.58× / 0.66× here,
-# as Adam at 1e-2 does (docs/defaults.md); its own tests cover its defaults.
-METHODS = ("kfac", "ekfac", "tkfac", "tekfac", "tnt", "shampoo", "mbf", "seng", "kbfgs")
+METHODS = ("kfac", "ekfac", "tkfac", "tekfac", "tnt", "shampoo", "soap", "mbf", "seng",
+           "kbfgs")
 FISHER = {"mbf": "empirical", "seng": "empirical", "kbfgs": "empirical"}
 SECOND_PASS = ("kbfgs",)  # its update also takes the capture as a function of the params
 BATCH = 32

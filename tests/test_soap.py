@@ -150,22 +150,30 @@ def test_refresh_keeps_the_first_moment_and_reorders_the_second():
 
 
 def test_full_optimizer_defaults_and_weight_decay():
-  """`soo.soap()` works with no arguments (the paper's defaults but lr 1e-2) and is
-  `-lr (direction + wd · params)`: Adam's first moment is its only momentum."""
+  """`soo.soap()` works with no arguments and is `-lr (max(1e-3, RMS(W)) direction + wd W)`
+  (the relative step, `multiply_by_parameter_scale`); with that off it is the paper's
+  `-lr (direction + wd W)`. Adam's first moment is its only momentum."""
   params = random_grads(20)
+  params["bias"] = jnp.zeros_like(params["bias"])  # RMS 0: the floor 1e-3
   grads = [random_grads(seed) for seed in (21, 22)]
-  tx = soo.soap()
-  state = tx.init(params)
-  assert not any(isinstance(s, optax.TraceState)
-                 for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
-                     s, optax.TraceState)))
   directions, _ = run(soo.scale_by_soap(), grads)
-  update = jax.jit(tx.update)
-  for grad, direction in zip(grads, directions):
-    updates, state = update(grad, state, params)
-    for name in LEAVES:
-      np.testing.assert_allclose(updates[name], -1e-2 * (direction[name] + 0.01 * params[name]),
-                                 rtol=1e-5, atol=1e-9)
+  rms = {name: max(1e-3, float(np.sqrt(np.mean(np.square(np.asarray(p, np.float64))))))
+         for name, p in params.items()}
+  for tx, lr, wd, scale in ((soo.soap(), 0.1, 1e-3, rms),
+                            (soo.soap(1e-2, multiply_by_parameter_scale=False, weight_decay=0.01),
+                             1e-2, 0.01, dict.fromkeys(rms, 1.0))):
+    state = tx.init(params)
+    assert not any(isinstance(s, optax.TraceState)
+                   for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(
+                       s, optax.TraceState)))
+    update = jax.jit(tx.update)
+    for grad, direction in zip(grads, directions):
+      updates, state = update(grad, state, params)
+      for name in LEAVES:
+        np.testing.assert_allclose(
+            updates[name], -lr * (scale[name] * direction[name] + wd * params[name]),
+            rtol=1e-5, atol=1e-9)
+  tx = soo.soap()
   rules = soo.describe(tx, params, print_fn=None)
   assert rules["bias"] == "soap: plain Adam, modes (5,) unrotated"
   assert rules["conv"] == "soap: Adam in the eigenbasis of modes (4, 3, 4)"
@@ -211,9 +219,11 @@ def test_bad_arguments_name_the_method_and_argument():
     soo.soap(max_factor_dim=0)
   with pytest.raises(ValueError, match="soap: preconditioner_dtype must be a floating"):
     soo.soap(preconditioner_dtype=jnp.int32)
+  with pytest.raises(ValueError, match="soap: multiply_by_parameter_scale must be True or"):
+    soo.soap(multiply_by_parameter_scale="yes")
 
 
-HPARAMS = dict(learning_rate=1e-2, damping=1e-8)
+HPARAMS = dict(learning_rate=0.1, damping=1e-8)
 
 
 def test_contract_jit_convergence_at_defaults():
