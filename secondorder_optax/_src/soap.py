@@ -38,7 +38,7 @@ from secondorder_optax._src.base import ScalarOrSchedule
 
 Array = jax.Array
 _REFRESHES = ("eigh", "qr")
-MIN_PARAMETER_SCALE = 1e-3  # `soap`'s floor under RMS(leaf): zero-initialised biases move
+MIN_PARAMETER_SCALE = 1e-3  # `soap`'s floor under RMS(leaf): zero-initialised leaves move
 
 
 class SoapPreconditioner(NamedTuple):
@@ -271,7 +271,8 @@ def soap(
     b2: Adam's second-moment decay (betas[1]).
     damping: Adam's `ε`, added to `√V̂` (the paper's eps).
     weight_decay: decoupled weight decay coefficient, multiplied by the learning rate (not
-      by the leaf's scale): 1e-3 at the rate 0.1 decays as the paper's 0.01 at 1e-2.
+      by the leaf's scale): 1e-3 at the rate 0.1 decays as 0.01 (the paper's) did at the
+      former absolute rate 1e-2.
     stats_decay: EMA weight of the old mode statistics (the paper's shampoo_beta); the
       first finite statistic initialises them.
     stats_every: update the mode statistics at steps where `count % stats_every == 0`.
