@@ -68,8 +68,8 @@ K-BFGS(L) (added with issue 18) was not swept either: its preset is the library 
 (`Method.second_pass`: `update` gets `curvature_fn=`, see `training`).
 
 SOAP (added with issue 18) was not swept: its preset is the paper's defaults (lr 3e-3 as an
-absolute step, `multiply_by_parameter_scale=False`), and its step-time settings are the paper's refresh period, by `eigh` and by
-the QR power-iteration step (`SOAP_REFRESH`).
+absolute step, `multiply_by_parameter_scale=False`), and its step-time settings are the
+paper's refresh period, by `eigh` and by the QR power-iteration step (`SOAP_REFRESH`).
 
 See README.md, Results.
 

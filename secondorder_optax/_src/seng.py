@@ -56,8 +56,9 @@ under-estimates the curvature of that layer by that energy.
 many examples) or `subsample=k` (then the first k examples of any batch of at least k are
 used). A mismatch raises a `ValueError` naming both sizes. The plans (and so these sizes,
 `centered`, `max_damping_drop`, `explicit_threshold`, `sketch_size`, `svd_rank`) are fixed
-at `init` and carried in the state's static structure, so `optax.inject_hyperparams` may inject them without effect after `init`;
-`damping` and `inverse_every` can change between steps (`seed` is read at `init` too).
+at `init` and carried in the state's static structure, so `optax.inject_hyperparams` may
+inject them without effect after `init`; `damping` and `inverse_every` can change between
+steps (`seed` is read at `init` too).
 
 **Refreshes.** Factors, Gram and inverse are recomputed from the current `curvature` where
 `count % inverse_every == 0` (step 0 included), under `lax.cond`, all same-size inverses in one
