@@ -56,6 +56,19 @@ def test_restarts_follow_a_growing_period():
     np.testing.assert_allclose(got["w"], want, rtol=1e-6)
 
 
+def test_restarts_while_the_period_grows_then_one_average():
+  """MBF's restarts (`periods.while_growing`): growing_period(4) refreshes at 0, 1, 2, 4, 8,
+  ...; the restarts stop once the period has reached 4 (step 6), and the average runs on."""
+  from secondorder_optax._src import periods
+  updates = [{"w": jnp.asarray([float(t) ** 2])} for t in range(10)]
+  restart_every = periods.while_growing(soo.growing_period(4))
+  outs, state = _run(soo.restarting_ema(0.5, restart_every=restart_every), updates)
+  for got, want in zip(outs, _reference(updates, 0.5, restarts=[0, 1, 2, 4])):
+    np.testing.assert_allclose(got["w"], want, rtol=1e-6)
+  assert int(state.since_restart) == 6
+  assert periods.while_growing(3) == 3
+
+
 def _momentum_states(state):
   is_momentum = lambda x: isinstance(x, soo.RestartingEmaState)
   return [s for s in jax.tree.leaves(state, is_leaf=is_momentum) if is_momentum(s)]

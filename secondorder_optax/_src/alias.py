@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from secondorder_optax._src import layerwise
+from secondorder_optax._src import layerwise, periods
 
 from secondorder_optax._src.base import all_finite, select_tree
 from secondorder_optax._src.kl_clip import clip_by_kl
@@ -94,6 +94,7 @@ def build_optimizer(
 
 def optimizer(scale_by, *, learning_rate: optax.ScalarOrSchedule, momentum: Optional[float],
               weight_decay: float, kl_clip: Optional[float], restart_momentum: bool = True,
+              restart_while_growing: bool = False,
               **preconditioner_args) -> optax.GradientTransformationExtraArgs:
   """`build_optimizer(scale_by(**preconditioner_args), ...)`: the body of every full optimizer
   (called with the full optimizer's own arguments).
@@ -103,13 +104,15 @@ def optimizer(scale_by, *, learning_rate: optax.ScalarOrSchedule, momentum: Opti
   `optax.adamw(fallback_learning_rate, weight_decay=weight_decay)`), through
   `optax.partition`: norm scales, embeddings and attention projections get Adam's step, not
   the second-order learning rate. With `restart_momentum` the momentum restarts at the
-  preconditioner's refreshes (`inverse_every`).
+  preconditioner's refreshes (`inverse_every`); with `restart_while_growing` too only while
+  that period grows (`periods.while_growing`).
   """
+  restart_every = preconditioner_args.get("inverse_every") if restart_momentum else None
+  if restart_every is not None and restart_while_growing:
+    restart_every = periods.while_growing(restart_every)
   build = functools.partial(
       build_optimizer, learning_rate=learning_rate, momentum=momentum,
-      weight_decay=weight_decay, kl_clip=kl_clip,
-      restart_momentum_every=(preconditioner_args.get("inverse_every")
-                              if restart_momentum else None))
+      weight_decay=weight_decay, kl_clip=kl_clip, restart_momentum_every=restart_every)
   if "layers" not in preconditioner_args:
     return build(scale_by(**preconditioner_args))
   fallback = preconditioner_args.pop("fallback")

@@ -78,6 +78,39 @@ def growing_period(every: int, *, refreshes_per_stage: int = 2) -> GrowingPeriod
   return GrowingPeriod(every=every, refreshes_per_stage=refreshes_per_stage)
 
 
+# A period no training run reaches: `count % NEVER == 0` only at step 0.
+NEVER = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class WhileGrowing:
+  """`period(count)` while it is below `period.every`, `NEVER` once it has reached it (see
+  `while_growing`)."""
+
+  period: GrowingPeriod
+
+  def __call__(self, count: Array) -> Array:
+    value = self.period(count)
+    return jnp.where(value < self.period.every, value, jnp.int32(NEVER))
+
+
+def while_growing(period: Period) -> Period:
+  """The refreshes of a growing period, only while it grows (for momentum restarts).
+
+  MBF's momentum restarts at its refreshes while `inverse_every` grows (with
+  `growing_period(50)`: up to step 96) and then runs on as one debiased average: later
+  restarts, one every 50 steps, each left the next steps unaveraged and raised the loss
+  (docs/defaults.md, tenth round). An integer or any other schedule is returned unchanged.
+
+  Example:
+    >>> from secondorder_optax._src import periods
+    >>> restarts = periods.while_growing(periods.GrowingPeriod(4, refreshes_per_stage=1))
+    >>> [step for step in range(12) if step % int(restarts(step)) == 0]
+    [0, 2]
+  """
+  return WhileGrowing(period) if isinstance(period, GrowingPeriod) else period
+
+
 # The defaults of the KFAC family, TNT, MBF and Shampoo (docs/defaults.md, "Third round").
 STATS_EVERY = GrowingPeriod(every=5)
 INVERSE_EVERY = GrowingPeriod(every=50)
