@@ -57,8 +57,9 @@ def test_restarts_follow_a_growing_period():
 
 
 def test_restarts_while_the_period_grows_then_one_average():
-  """MBF's restarts (`periods.while_growing`): growing_period(4) refreshes at 0, 1, 2, 4, 8,
-  ...; the restarts stop once the period has reached 4 (step 6), and the average runs on."""
+  """The full optimizers' restarts (`periods.while_growing`): growing_period(4) refreshes
+  at 0, 1, 2, 4, 8, ...; the restarts stop once the period has reached 4 (step 6), and the
+  average runs on."""
   from secondorder_optax._src import periods
   updates = [{"w": jnp.asarray([float(t) ** 2])} for t in range(10)]
   restart_every = periods.while_growing(soo.growing_period(4))
@@ -89,6 +90,22 @@ def test_build_optimizer_restarts_its_momentum_at_the_refreshes():
     assert len(_momentum_states(method().init(params))) == 1, method
   assert not _momentum_states(soo.kfac(momentum=None).init(params))
   assert not _momentum_states(soo.shampoo().init(params))  # Shampoo keeps optax.ema
+
+
+@pytest.mark.parametrize("method", ["kfac", "tnt", "mbf"])
+def test_full_optimizers_restart_only_while_the_refresh_period_grows(method):
+  """With `inverse_every=growing_period(4)` (refreshes at 0, 1, 2, 4, 8, 12, ...) the
+  momentum of `soo.kfac` / `soo.tnt` / `soo.mbf` restarts at 0, 1, 2 and 4, then averages on
+  (10 steps: 6 since the last restart), on a captured tiny MLP."""
+  from tests import contract
+  params, x, y, curv_fn = contract._problem("empirical" if method == "mbf" else "sampled")
+  tx = getattr(soo, method)(inverse_every=soo.growing_period(4), stats_every=1)
+  state = tx.init(params)
+  step = contract._make_step(tx, curv_fn, pass_curvature=True)
+  for i in range(10):
+    params, state, _ = step(params, state, x, y, jax.random.key(i))
+  (momentum,) = _momentum_states(state)
+  assert int(momentum.count) == 10 and int(momentum.since_restart) == 6
 
 
 def test_bad_decay_is_named():

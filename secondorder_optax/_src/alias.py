@@ -7,8 +7,10 @@
 or, with `precondition_momentum=True` (TNT, following the paper's code), momentum first and
 the preconditioner applied to the momentum buffer. Weight decay is decoupled (added after
 preconditioning), as in the TNT/MBF papers' code. The momentum of a full optimizer (but
-Shampoo's and SENG's) restarts at every preconditioner refresh (its `inverse_every`), so it
-averages the directions of one preconditioner (`soo.restarting_ema`).
+Shampoo's) restarts at the preconditioner's refreshes (its `inverse_every`) while that
+period grows (at every refresh for an integer period: SENG's, K-BFGS(L)'s), so that it does
+not average the directions of the fast-changing first preconditioners; then it is one
+debiased average (`soo.restarting_ema`, `periods.while_growing`).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def build_optimizer(
     restart_momentum_every: `None` (default) or a refresh period (an integer or a schedule
       such as `soo.growing_period(50)`): the momentum average restarts at the steps where
       that period is due (`soo.restarting_ema`); the full optimizers pass their
-      `inverse_every`.
+      `inverse_every` while it grows (every refresh for an integer period).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` forwarding `curvature=` to the preconditioner.
@@ -94,7 +96,6 @@ def build_optimizer(
 
 def optimizer(scale_by, *, learning_rate: optax.ScalarOrSchedule, momentum: Optional[float],
               weight_decay: float, kl_clip: Optional[float], restart_momentum: bool = True,
-              restart_while_growing: bool = False,
               **preconditioner_args) -> optax.GradientTransformationExtraArgs:
   """`build_optimizer(scale_by(**preconditioner_args), ...)`: the body of every full optimizer
   (called with the full optimizer's own arguments).
@@ -104,12 +105,11 @@ def optimizer(scale_by, *, learning_rate: optax.ScalarOrSchedule, momentum: Opti
   `optax.adamw(fallback_learning_rate, weight_decay=weight_decay)`), through
   `optax.partition`: norm scales, embeddings and attention projections get Adam's step, not
   the second-order learning rate. With `restart_momentum` the momentum restarts at the
-  preconditioner's refreshes (`inverse_every`); with `restart_while_growing` too only while
-  that period grows (`periods.while_growing`).
+  preconditioner's refreshes (`inverse_every`), only while that period grows if it is a
+  `soo.growing_period` (`periods.while_growing`).
   """
-  restart_every = preconditioner_args.get("inverse_every") if restart_momentum else None
-  if restart_every is not None and restart_while_growing:
-    restart_every = periods.while_growing(restart_every)
+  restart_every = (periods.while_growing(preconditioner_args.get("inverse_every"))
+                   if restart_momentum else None)
   build = functools.partial(
       build_optimizer, learning_rate=learning_rate, momentum=momentum,
       weight_decay=weight_decay, kl_clip=kl_clip, restart_momentum_every=restart_every)

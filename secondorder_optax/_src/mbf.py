@@ -260,8 +260,9 @@ def mbf(
       with the default, up to step 96), then one average: on the full MNIST autoencoder
       each later restart raised the loss for a few steps (eight rises, up to 2.7; 59.13
       after ten epochs against 59.88 restarting at every refresh, 60.78 with a plain EMA,
-      which starts slowly; `docs/defaults.md`, tenth round). An integer `inverse_every`
-      restarts it at every refresh. `None` or 0 for none (68.69 after ten epochs).
+      which starts slowly; `docs/defaults.md`, tenth round; the other methods' momentum
+      restarts the same way). An integer `inverse_every` restarts it at every refresh.
+      `None` or 0 for none (68.69 after ten epochs).
     weight_decay: decoupled weight decay.
     kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
       (`soo.clip_by_kl`). The clip sets MBF's step length at the defaults (learning rates
@@ -309,4 +310,4 @@ def mbf(
     >>> updates, state = tx.update(grads, state, params, curvature=curvature)
     >>> params = optax.apply_updates(params, updates)
   """
-  return alias.optimizer(scale_by_mbf, restart_while_growing=True, **locals())
+  return alias.optimizer(scale_by_mbf, **locals())

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from secondorder_optax._src import alias, linalg, validation
+from secondorder_optax._src import alias, linalg, periods, validation
 from secondorder_optax._src import tensor_modes as tm
 from secondorder_optax._src.base import ScalarOrSchedule
 from secondorder_optax._src.damping import relative as relative_damping
@@ -137,9 +137,10 @@ def tnt(
       KFAC at every epoch and within 2% of Shampoo (61.14 at the former 3 with clip 0.05;
       57.99 at 1 with 0.05, but then the Fashion-MNIST CNN ends above Adam on one seed;
       `docs/defaults.md`).
-    momentum: `β` of the debiased EMA of the preconditioned directions, restarted at every
-      refresh of the preconditioner (`soo.restarting_ema`);
-      `None` or 0 for none (see `soo.kfac` and `docs/defaults.md`).
+    momentum: `β` of the debiased EMA of the preconditioned directions, restarted at the
+      refreshes of the preconditioner while `inverse_every` grows (`soo.restarting_ema`;
+      up to step 96 at the default), then one average; `None` or 0 for none (see
+      `soo.kfac` and `docs/defaults.md`).
     weight_decay: decoupled weight decay coefficient.
     kl_clip: `None` or κ > 0: shorten steps whose estimated KL change exceeds κ
       (`soo.clip_by_kl`). 0.03 at damping 1: the Fashion-MNIST CNN ends its 78 steps at
@@ -188,7 +189,8 @@ def tnt(
                                 preconditioner_dtype=preconditioner_dtype)
   inner = alias.build_optimizer(preconditioner, learning_rate=learning_rate,
                                 momentum=momentum, weight_decay=weight_decay,
-                                kl_clip=kl_clip, restart_momentum_every=inverse_every)
+                                kl_clip=kl_clip,
+                                restart_momentum_every=periods.while_growing(inverse_every))
 
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
     if curvature is None:
