@@ -101,8 +101,8 @@ def while_growing(period: Period) -> Period:
   (with `growing_period(50)`: up to step 96) and then runs on as one debiased average:
   later restarts, one every 50 steps, each left the next steps unaveraged; they raised
   MBF's loss (docs/defaults.md, tenth round) and cost the KFAC family and TNT 0.09–0.13
-  after ten epochs of the MNIST autoencoder (eleventh round). An integer or any other schedule is
-  returned unchanged.
+  after ten epochs of the MNIST autoencoder (eleventh round). An integer or any other
+  schedule is returned unchanged.
 
   Example:
     >>> from secondorder_optax._src import periods

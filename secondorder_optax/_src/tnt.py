@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from secondorder_optax._src import alias, linalg, periods, validation
+from secondorder_optax._src import alias, linalg, validation
 from secondorder_optax._src import tensor_modes as tm
 from secondorder_optax._src.base import ScalarOrSchedule
 from secondorder_optax._src.damping import relative as relative_damping
@@ -183,14 +183,11 @@ def tnt(
     >>> bool(loss < 1.0)  # from 4.3
     True
   """
-  preconditioner = scale_by_tnt(damping=damping, stats_decay=stats_decay,
-                                stats_every=stats_every, inverse_every=inverse_every,
-                                max_factor_dim=max_factor_dim,
-                                preconditioner_dtype=preconditioner_dtype)
-  inner = alias.build_optimizer(preconditioner, learning_rate=learning_rate,
-                                momentum=momentum, weight_decay=weight_decay,
-                                kl_clip=kl_clip,
-                                restart_momentum_every=periods.while_growing(inverse_every))
+  inner = alias.optimizer(scale_by_tnt, learning_rate=learning_rate, momentum=momentum,
+                          weight_decay=weight_decay, kl_clip=kl_clip, damping=damping,
+                          stats_decay=stats_decay, stats_every=stats_every,
+                          inverse_every=inverse_every, max_factor_dim=max_factor_dim,
+                          preconditioner_dtype=preconditioner_dtype)
 
   def update_fn(updates, state, params=None, *, curvature=None, **extra_args):
     if curvature is None:
