@@ -8,7 +8,7 @@ from experiments import defaults_sweep as ds, methods, training
 
 layers = None if len(sys.argv) < 2 or sys.argv[1] == "all" else sys.argv[1]
 steps = int(sys.argv[2]) if len(sys.argv) > 2 else 80
-task, dataset, batch, epochs = ds.load_task("fmnist_cnn", "/work/shared/data")
+task, dataset, batch, epochs = ds.load_task("fmnist_cnn", None)  # reads $SOO_DATA_DIR
 m = methods.library_defaults("kbfgs")
 tx = m.build(m.learning_rate, batch_size=batch, layers=layers)
 fisher = m.capture_fisher({})

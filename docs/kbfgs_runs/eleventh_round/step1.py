@@ -2,7 +2,7 @@ import sys, jax, jax.numpy as jnp
 from experiments import defaults_sweep as ds, methods, training
 name = sys.argv[1]; over = dict(kv.split("=") for kv in sys.argv[2:])
 over = {k: methods.parse_value(v) for k, v in over.items()}
-task, dataset, batch, epochs = ds.load_task("fmnist_cnn", "/work/shared/data")
+task, dataset, batch, epochs = ds.load_task("fmnist_cnn", None)  # reads $SOO_DATA_DIR
 m = methods.library_defaults(name)
 tx = m.build(m.learning_rate, batch_size=batch, **over)
 x_train = task.inputs(dataset.x_train); t_train = task.targets(dataset.x_train, dataset.y_train)
