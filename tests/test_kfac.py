@@ -37,13 +37,15 @@ def kronecker_factors(a, g):
 
 
 def trace_restricted_factors(a, g):
-  """(δ, Φ, Ψ) with per-location sums (DESIGN §5)."""
+  """(δ, Φ, Ψ): `δ = E_n ‖D_n‖²_F`, the trace of the exact block (per-example gradients
+  `D_n = Σ_t ā gᵀ`, cross-location terms included), and unit-trace factors from
+  per-location sums (DESIGN §5)."""
   batch = a.shape[0]
   a2 = np.sum(a * a, axis=-1)
   g2 = np.sum(g * g, axis=-1)
-  delta = np.sum(a2 * g2) / batch
-  phi = np.einsum("bt,btd,bte->de", g2, a, a) / batch / delta
-  psi = np.einsum("bt,btd,bte->de", a2, g, g) / batch / delta
+  delta = np.mean(np.sum(np.einsum("btd,bte->bde", a, g) ** 2, axis=(1, 2)))
+  phi = np.einsum("bt,btd,bte->de", g2, a, a) / np.sum(a2 * g2)
+  psi = np.einsum("bt,btd,bte->de", a2, g, g) / np.sum(a2 * g2)
   return delta, phi, psi
 
 

@@ -338,7 +338,7 @@ def kfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 0.3,
   return alias.optimizer(scale_by_kfac, **locals())
 
 
-def tkfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 1.0,
+def tkfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 0.3,
           momentum: Optional[float] = 0.9, weight_decay: float = 0.0,
           kl_clip: Optional[float] = 0.01, stats_decay: Any = 0.95,
           stats_every: Period = STATS_EVERY, inverse_every: Period = INVERSE_EVERY,

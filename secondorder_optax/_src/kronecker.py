@@ -12,6 +12,7 @@ from typing import Any, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from secondorder_optax._src import linalg, patches
 from secondorder_optax._src.base import LayerStats
@@ -102,12 +103,37 @@ def kronecker_factors(a: Array, g: Array) -> KroneckerFactors:
   return KroneckerFactors(input_factor(a), _gram(g, 1.0 / (batch * locations)))
 
 
+def exact_block_trace(a: Array, g: Array) -> Array:
+  """`δ = E_n ‖D_n‖²_F`, `D_n = Σ_t ā_{n,t} g_{n,t}ᵀ`: the trace of the layer's exact Fisher
+  block, the cross-location terms `(ā_t·ā_s)(g_t·g_s)` included. Per example it forms `D_n`
+  or the two `T×T` location Grams, whichever takes fewer products."""
+  batch, locations, d_in = a.shape
+  d_out = g.shape[-1]
+  if d_in * d_out <= locations * (d_in + d_out):
+    per_example = jnp.einsum("btd,bte->bde", a, g, precision=lax.Precision.HIGHEST)
+    return jnp.sum(jnp.square(per_example)) / batch
+  input_grams = jnp.einsum("btd,bsd->bts", a, a, precision=lax.Precision.HIGHEST)
+  output_grams = jnp.einsum("bte,bse->bts", g, g, precision=lax.Precision.HIGHEST)
+  return jnp.sum(input_grams * output_grams) / batch
+
+
 def trace_restricted_factors(a: Array, g: Array) -> KroneckerFactors:
-  """TKFAC's `δΦ = E_n Σ_t |g|² ā āᵀ` and `δΨ = E_n Σ_t |ā|² g gᵀ` (traces both δ)."""
-  batch = a.shape[0]
+  """TKFAC's `δΦ` and `δΨ`: `Φ ∝ E_n Σ_t |g|² ā āᵀ`, `Ψ ∝ E_n Σ_t |ā|² g gᵀ` with unit
+  traces, and `δ` the trace of the exact block (`exact_block_trace`). With one location per
+  example (dense layers) `δ = E_n |ā|²|g|²` and the factors are the sums themselves; at `T > 1`
+  locations `δ` also counts the cross-location terms that per-location sums leave out (they
+  make a convolution's exact block up to `T` times larger when its output gradients are
+  spatially correlated, as at initialisation)."""
+  batch, locations = a.shape[0], a.shape[1]
   a_norm = jnp.linalg.norm(a, axis=-1, keepdims=True)
   g_norm = jnp.linalg.norm(g, axis=-1, keepdims=True)
-  return KroneckerFactors(_gram(a * g_norm, 1.0 / batch), _gram(g * a_norm, 1.0 / batch))
+  input_sum, output_sum = _gram(a * g_norm, 1.0 / batch), _gram(g * a_norm, 1.0 / batch)
+  if locations == 1:
+    return KroneckerFactors(input_sum, output_sum)
+  per_location_trace = jnp.trace(input_sum)
+  scale = exact_block_trace(a, g) / jnp.maximum(per_location_trace, TINY)
+  scale = jnp.where(per_location_trace > 0, scale, 1.0).astype(input_sum.dtype)
+  return KroneckerFactors(input_sum * scale, output_sum * scale)
 
 
 def eigen_scalings(a: Array, g: Array, input_basis: Array, output_basis: Array) -> Array:
