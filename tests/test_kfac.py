@@ -40,7 +40,6 @@ def trace_restricted_factors(a, g):
   """(δ, Φ, Ψ): `δ = E_n ‖D_n‖²_F`, the trace of the exact block (per-example gradients
   `D_n = Σ_t ā gᵀ`, cross-location terms included), and unit-trace factors from
   per-location sums (DESIGN §5)."""
-  batch = a.shape[0]
   a2 = np.sum(a * a, axis=-1)
   g2 = np.sum(g * g, axis=-1)
   delta = np.mean(np.sum(np.einsum("btd,bte->bde", a, g) ** 2, axis=(1, 2)))
