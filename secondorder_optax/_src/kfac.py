@@ -293,7 +293,7 @@ def kfac(learning_rate: optax.ScalarOrSchedule = 0.1, *, damping: Any = 0.3,
       of the Fashion-MNIST CNN ended above Adam, 0.550 against 0.537; at 0.02 0.482, and
       the full MNIST autoencoder reaches Adam's loss after 1.75 epochs instead of 1.5),
       0.03 for EKFAC and TEKFAC, 0.01 for TKFAC (at 0.02 the 78-step Fashion-MNIST CNN
-      ends at 0.419 instead of 0.206 and the digits MLP at 0.312 instead of 0.130;
+      ends at 0.375 instead of 0.206 and the digits MLP at 0.312 instead of 0.130;
       `docs/defaults.md`).
     stats_decay: weight of the old value in the running averages of the statistics; the
       first finite statistic initialises them.
