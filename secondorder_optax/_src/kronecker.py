@@ -110,8 +110,7 @@ def exact_block_trace(a: Array, g: Array) -> Array:
   batch, locations, d_in = a.shape
   d_out = g.shape[-1]
   if d_in * d_out <= locations * (d_in + d_out):
-    per_example = jnp.einsum("btd,bte->bde", a, g, precision=lax.Precision.HIGHEST)
-    return jnp.sum(jnp.square(per_example)) / batch
+    return jnp.sum(jnp.square(patches.example_grads(a, g))) / batch
   input_grams = jnp.einsum("btd,bsd->bts", a, a, precision=lax.Precision.HIGHEST)
   output_grams = jnp.einsum("bte,bse->bts", g, g, precision=lax.Precision.HIGHEST)
   return jnp.sum(input_grams * output_grams) / batch

@@ -81,12 +81,16 @@ def layer_output_grads(stats: LayerStats) -> Array:
   return g.reshape((g.shape[0], -1, g.shape[-1]))
 
 
-def per_example_grads(stats: LayerStats) -> Array:
-  """`D_n = Σ_t ā_{n,t} g_{n,t}ᵀ` for every example: `(B, d_in [+1], d_out)`."""
-  a = layer_inputs(stats)
-  g = layer_output_grads(stats)
+def example_grads(a: Array, g: Array) -> Array:
+  """`D_n = Σ_t ā_{n,t} g_{n,t}ᵀ` from the matrix view's inputs `(B, T, d_in [+1])` and
+  output grads `(B, T, d_out)`: `(B, d_in [+1], d_out)`."""
   return jnp.einsum("btd,bte->bde", a, g.astype(a.dtype),
                     precision=lax.Precision.HIGHEST)
+
+
+def per_example_grads(stats: LayerStats) -> Array:
+  """`D_n = Σ_t ā_{n,t} g_{n,t}ᵀ` for every example: `(B, d_in [+1], d_out)`."""
+  return example_grads(layer_inputs(stats), layer_output_grads(stats))
 
 
 def num_locations(stats: LayerStats) -> int:
