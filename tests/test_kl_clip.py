@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import secondorder_optax as soo
+from secondorder_optax._src import kl_clip as soo_kl_clip
 from tests import models
 
 PARAMS = {"w": jnp.ones((3, 2)), "b": jnp.zeros((2,))}
@@ -74,3 +75,80 @@ def test_full_kfac_with_kl_clip_bounds_its_first_step_under_jit_and_inject():
 def test_kl_clip_must_be_positive():
   with pytest.raises(ValueError, match="kl_clip must be positive"):
     soo.tnt(0.1, kl_clip=0.0)
+
+
+def _exact_cap(model, params, x, y, family, direction, lr):
+  """Dense reference: d_n = Σ_leaves ⟨∇l_n, Δ⟩ from vmapped per-example gradients."""
+  pex = models.per_example_grads(model, params, x, y, family)
+  d = sum(np.asarray(g, np.float64).reshape(len(x), -1) @ np.asarray(u, np.float64).ravel()
+          for g, u in zip(jax.tree.leaves(pex), jax.tree.leaves(direction)))
+  return d.mean() / (lr * np.mean(d ** 2))
+
+
+def _scan_problem():
+  from tests.test_capture_linen import _scan_model  # pylint: disable=g-import-not-at-top
+  model = _scan_model({"params": 0, "soo_inputs": 0, "soo_perturbations": 0})
+  x = jax.random.normal(jax.random.key(0), (5, 4))
+  y = jnp.array([0, 1, 1, 0, 1])
+  params = model.init(jax.random.key(2), x)["params"]
+  return model, params, x, y, soo.losses.softmax_cross_entropy
+
+
+@pytest.mark.parametrize("problem", ["mlp", "cnn", "scan"])
+@pytest.mark.parametrize("fisher", ["sampled", "empirical"])
+def test_exact_model_cap_matches_per_example_gradients(problem, fisher):
+  """The cap `E_n d_n / (η E_n d_n²)` from the capture equals the dense computation, for
+  either capture (the sampled one takes `d_n` from the gradient's own pullback), and the
+  clipped direction is scaled by it."""
+  if problem == "scan":
+    model, params, x, y, family = _scan_problem()
+  else:
+    make = models.mlp_problem if problem == "mlp" else models.cnn_problem
+    model, params, x, y, family = make(seed=4)
+  _, grads, curvature = jax.jit(soo.linen_curvature(model, family, fisher=fisher))(
+      params, x, y, jax.random.key(3))
+  assert curvature.one_categorical
+  lr = 10.0
+  expected = _exact_cap(model, params, x, y, family, grads, lr)
+  assert 0 < expected < 1
+  got = soo_kl_clip.exact_model_cap_scale(grads, curvature, lr)
+  np.testing.assert_allclose(float(got), expected, rtol=1e-4)
+  tx = soo.clip_by_kl(optax.identity(), kl_clip=1e9, learning_rate=lr)
+  direction, _ = jax.jit(lambda g, c: tx.update(g, tx.init(params), params, curvature=c))(
+      grads, curvature)
+  for d, g in zip(jax.tree.leaves(direction), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(d, expected * np.asarray(g), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss", ["squared_error", "multi_output_sigmoid"])
+def test_exact_model_cap_is_off_for_losses_over_many_outputs(loss):
+  """Regression and a sigmoid over several outputs per example keep the KL estimate only."""
+  model, params, x, y, family = models.mlp_problem(seed=4, loss="squared")
+  if loss == "multi_output_sigmoid":
+    family, y = soo.losses.sigmoid_binary_cross_entropy, (y > 0).astype(jnp.float32)
+  _, grads, curvature = soo.linen_curvature(model, family, fisher="empirical")(params, x, y)
+  assert not curvature.one_categorical
+  assert np.isinf(float(soo_kl_clip.exact_model_cap_scale(grads, curvature, 10.0)))
+  tx = soo.clip_by_kl(optax.identity(), kl_clip=1e9, learning_rate=10.0)
+  direction, _ = tx.update(grads, tx.init(params), params, curvature=curvature)
+  for d, g in zip(jax.tree.leaves(direction), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(d, g)
+
+
+def test_exact_model_cap_can_be_turned_off_and_seng_runs_without_it():
+  model, params, x, y, family = models.mlp_problem(seed=4)
+  _, grads, curvature = soo.linen_curvature(model, family, fisher="empirical")(params, x, y)
+  assert float(soo_kl_clip.exact_model_cap_scale(grads, curvature, 10.0)) < 1
+  tx = soo.clip_by_kl(optax.identity(), kl_clip=1e9, learning_rate=10.0,
+                      exact_model_cap=False)
+  direction, _ = tx.update(grads, tx.init(params), params, curvature=curvature)
+  for d, g in zip(jax.tree.leaves(direction), jax.tree.leaves(grads)):
+    np.testing.assert_allclose(d, g)
+  # SENG's full optimizer = build_optimizer(scale_by_seng, exact_model_cap=False).
+  seng = soo.seng(10.0, batch_size=len(x), kl_clip=1e9, momentum=None)
+  plain = soo.build_optimizer(soo.scale_by_seng(batch_size=len(x)), learning_rate=10.0,
+                              momentum=None, kl_clip=1e9, exact_model_cap=False)
+  got, _ = seng.update(grads, seng.init(params), params, curvature=curvature)
+  want, _ = plain.update(grads, plain.init(params), params, curvature=curvature)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)

@@ -38,6 +38,7 @@ def build_optimizer(
     precondition_momentum: bool = False,
     kl_clip: Optional[float] = None,
     restart_momentum_every: Any = None,
+    exact_model_cap: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """Chains a preconditioner with decoupled weight decay, momentum and the learning rate.
 
@@ -51,12 +52,15 @@ def build_optimizer(
     weight_decay: decoupled weight decay coefficient.
     precondition_momentum: apply momentum before the preconditioner (TNT's convention).
     kl_clip: `None` (default) or κ > 0: rescale the preconditioned direction Δ by `ν ≤ 1`
-      so that the step's estimated KL change `η² ν² ⟨Δ, g⟩` stays below κ
-      (`soo.clip_by_kl`).
+      so that the step's estimated KL change `η² ν² ⟨Δ, g⟩` stays below κ and, for a
+      classifier's `curvature=`, the step stops at the minimiser of the exact
+      empirical-Fisher model of the batch's loss along Δ (`soo.clip_by_kl`).
     restart_momentum_every: `None` (default) or a refresh period (an integer or a schedule
       such as `soo.growing_period(50)`): the momentum average restarts at the steps where
       that period is due (`soo.restarting_ema`); the full optimizers pass their
       `inverse_every` while it grows (every refresh for an integer period).
+    exact_model_cap: with `kl_clip`, also stop each step at the exact empirical-Fisher
+      model's minimiser where the curvature is a classifier's (`soo.clip_by_kl`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs` forwarding `curvature=` to the preconditioner.
@@ -74,7 +78,8 @@ def build_optimizer(
   # (momentum, a schedule's count) are guarded here, each on the updates it receives, so no
   # state is selected twice.
   if kl_clip is not None:
-    preconditioner = clip_by_kl(preconditioner, kl_clip=kl_clip, learning_rate=learning_rate)
+    preconditioner = clip_by_kl(preconditioner, kl_clip=kl_clip, learning_rate=learning_rate,
+                                exact_model_cap=exact_model_cap)
   if _is_zero(momentum):
     momentum_tx = optax.identity()
   elif restart_momentum_every is None:
@@ -96,6 +101,7 @@ def build_optimizer(
 
 def optimizer(scale_by, *, learning_rate: optax.ScalarOrSchedule, momentum: Optional[float],
               weight_decay: float, kl_clip: Optional[float], restart_momentum: bool = True,
+              exact_model_cap: bool = True,
               **preconditioner_args) -> optax.GradientTransformationExtraArgs:
   """`build_optimizer(scale_by(**preconditioner_args), ...)`: the body of every full optimizer
   (called with the full optimizer's own arguments).
@@ -112,7 +118,8 @@ def optimizer(scale_by, *, learning_rate: optax.ScalarOrSchedule, momentum: Opti
                    if restart_momentum else None)
   build = functools.partial(
       build_optimizer, learning_rate=learning_rate, momentum=momentum,
-      weight_decay=weight_decay, kl_clip=kl_clip, restart_momentum_every=restart_every)
+      weight_decay=weight_decay, kl_clip=kl_clip, restart_momentum_every=restart_every,
+      exact_model_cap=exact_model_cap)
   if "layers" not in preconditioner_args:
     return build(scale_by(**preconditioner_args))
   fallback = preconditioner_args.pop("fallback")

@@ -153,6 +153,14 @@ class Curvature:
     fisher: 'sampled' or 'empirical'.
     layer_meta: static facts (kind, kernel shape, bias, stacking, calls) per layer,
       available without computing anything.
+    empirical_layers: the per-layer statistics at the given targets, from the backward pass
+      that computed the gradient (free: `layers` itself for `fisher="empirical"`); `None`
+      for a curvature built without them. `soo.clip_by_kl` reads them for its exact
+      model cap.
+    one_categorical: whether each example's loss is the negative log-likelihood of one
+      categorical distribution (softmax cross-entropy on `(batch, classes)` logits, or a
+      sigmoid cross-entropy with one output per example): where the exact empirical
+      Fisher is a model of the loss that `soo.clip_by_kl` can cap the step with.
 
   With `fisher="sampled"` a capture returns a *deferred* curvature: the extra backward
   pass at the sampled targets runs where `materialize()` is called (reading `layers` or
@@ -177,13 +185,19 @@ class Curvature:
 
   def __init__(self, layers=None, fisher_grads=None, fisher: str = "sampled", *,
                deferred: Optional[FisherPullback] = None,
-               layer_meta: Optional[Dict[LayerPath, LayerMeta]] = None):
+               layer_meta: Optional[Dict[LayerPath, LayerMeta]] = None,
+               empirical_layers: Optional[Dict[LayerPath, LayerStats]] = None,
+               one_categorical: bool = False):
     if deferred is None and layers is None:
       raise ValueError("Curvature needs layers= (or a deferred pullback)")
     self._layers = layers
     self._fisher_grads = fisher_grads
     self._deferred = deferred
     self.fisher = fisher
+    if empirical_layers is None and fisher == "empirical":
+      empirical_layers = layers
+    self.empirical_layers = empirical_layers
+    self.one_categorical = bool(one_categorical)
     if layer_meta is None:
       layer_meta = {path: LayerMeta(s.kind, tuple(s.kernel_shape), s.has_bias, s.stack_ndim,
                                     s.calls) for path, s in layers.items()}
@@ -223,7 +237,9 @@ class Curvature:
     if self._deferred is None:
       return self
     layers, fisher_grads = self._deferred.materialize()
-    return Curvature(layers, fisher_grads, self.fisher, layer_meta=self.layer_meta)
+    return Curvature(layers, fisher_grads, self.fisher, layer_meta=self.layer_meta,
+                     empirical_layers=self.empirical_layers,
+                     one_categorical=self.one_categorical)
 
   def finite_check_leaves(self) -> Any:
     """Arrays that can be inspected (e.g. for tracers or non-finite values) without running
@@ -233,15 +249,16 @@ class Curvature:
     return (self._deferred.outputs, self._deferred.inputs)
 
   def tree_flatten(self):
-    return ((self._layers, self._fisher_grads, self._deferred),
-            (self.fisher, tuple(self.layer_meta.items())))
+    return ((self._layers, self._fisher_grads, self._deferred, self.empirical_layers),
+            (self.fisher, tuple(self.layer_meta.items()), self.one_categorical))
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    layers, fisher_grads, deferred = children
+    layers, fisher_grads, deferred, empirical_layers = children
     obj = cls.__new__(cls)
     obj._layers, obj._fisher_grads, obj._deferred = layers, fisher_grads, deferred
-    obj.fisher, obj.layer_meta = aux[0], dict(aux[1])
+    obj.empirical_layers = empirical_layers
+    obj.fisher, obj.layer_meta, obj.one_categorical = aux[0], dict(aux[1]), aux[2]
     return obj
 
   def __repr__(self) -> str:

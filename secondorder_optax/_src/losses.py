@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import jax
@@ -37,12 +38,17 @@ class LossFamily:
     sample: `(rng, outputs) -> targets` drawn from the predictive distribution.
     check_targets: `(outputs, targets) -> None`; raises `ValueError` naming the problem
       when the targets do not fit the outputs.
+    one_categorical: `(outputs) -> bool` (static, from the shape): whether each example's
+      loss is the negative log-likelihood of one categorical distribution, so that the
+      exact empirical Fisher of a step is a model of the loss (`soo.clip_by_kl` caps steps
+      with it). Default: never.
   """
 
   name: str
   per_example_loss: Callable[[Array, Array], Array]
   sample: Callable[[jax.Array, Array], Array]
   check_targets: Callable[[Array, Array], None]
+  one_categorical: Callable[[Array], bool] = lambda outputs: False
 
   def __repr__(self) -> str:
     return f"LossFamily({self.name})"
@@ -108,6 +114,7 @@ softmax_cross_entropy = LossFamily(
     per_example_loss=_softmax_ce,
     sample=_softmax_sample,
     check_targets=_check_integer_labels,
+    one_categorical=lambda outputs: outputs.ndim == 2,
 )
 
 sigmoid_binary_cross_entropy = LossFamily(
@@ -115,6 +122,7 @@ sigmoid_binary_cross_entropy = LossFamily(
     per_example_loss=_sigmoid_bce,
     sample=_sigmoid_sample,
     check_targets=_check_same_shape("sigmoid_binary_cross_entropy"),
+    one_categorical=lambda outputs: math.prod(outputs.shape[1:]) == 1,
 )
 
 squared_error = LossFamily(

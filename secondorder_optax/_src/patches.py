@@ -93,6 +93,39 @@ def per_example_grads(stats: LayerStats) -> Array:
   return example_grads(layer_inputs(stats), layer_output_grads(stats))
 
 
+def directional_derivatives(stats: LayerStats, direction: Dict[str, Array]) -> Array:
+  """`⟨D_n, U⟩ = Σ_t ⟨ā_{n,t} U, g_{n,t}⟩` for every example of an unstacked layer: `(B,)`.
+
+  `direction` is `{"kernel": ..., "bias": ...}` shaped like the layer's parameters (`U`
+  in the matrix view). The layer's own product with the direction's kernel (a matrix
+  product, or the convolution on the raw inputs) stands in for `ā U`, so no patches or
+  per-example gradients are formed; the result is in float32 at least.
+  """
+  _check_unstacked(stats)
+  dtype = jnp.promote_types(stats.inputs.dtype, jnp.float32)
+  kernel = direction["kernel"].astype(dtype)
+  x = stats.inputs.astype(dtype)
+  batch = x.shape[0]
+  if stats.kind == "conv":
+    conv = stats.conv
+    n_spatial = len(conv.kernel_size)
+    x = x.reshape((-1,) + x.shape[-(n_spatial + 1):])
+    if conv.pre_pad is not None:
+      mode, pads = conv.pre_pad
+      x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), mode=mode)
+    outputs = lax.conv_general_dilated(
+        x, kernel, window_strides=conv.strides, padding=conv.padding,
+        lhs_dilation=conv.input_dilation, rhs_dilation=conv.kernel_dilation,
+        dimension_numbers=_conv_dimension_numbers(x.ndim), precision=lax.Precision.HIGHEST)
+  else:
+    outputs = jnp.matmul(x, kernel.reshape((-1, kernel.shape[-1])),
+                         precision=lax.Precision.HIGHEST)
+  if stats.has_bias:
+    outputs = outputs + direction["bias"].astype(dtype).reshape(-1)
+  g = stats.output_grads.astype(dtype)
+  return jnp.sum((outputs.reshape(batch, -1) * g.reshape(batch, -1)), axis=-1)
+
+
 def num_locations(stats: LayerStats) -> int:
   """T: output locations per example (times the number of calls)."""
   g = stats.output_grads

@@ -323,4 +323,6 @@ def seng(
     >>> updates, state = tx.update(grads, state, params, curvature=curvature)
     >>> params = optax.apply_updates(params, updates)
   """
-  return alias.optimizer(scale_by_seng, **locals())
+  # The centred Fisher leaves out g gᵀ on purpose: the uncentred exact model would cut
+  # every step (Fashion-MNIST CNN 0.67 with it, above Adam's 0.54; docs/defaults.md).
+  return alias.optimizer(scale_by_seng, exact_model_cap=False, **locals())

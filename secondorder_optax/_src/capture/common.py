@@ -210,18 +210,24 @@ def finish_capture(outputs: Array, vjp_fn: Callable, loss_family: LossFamily, ta
     return loss_family.per_example_loss(out, tgt).mean()
 
   loss, ct_true = jax.value_and_grad(mean_loss)(outputs, targets)
+  one_categorical = loss_family.one_categorical(outputs)
   if fisher == "empirical":
     param_ct, perturb_ct = vjp_fn((ct_true * batch).astype(outputs.dtype))
     grads = jax.tree.map(lambda g: g / batch, param_ct)
     layers = assemble(layout, recorded, extract(perturb_ct, layout))
-    return loss, grads, Curvature(layers, grads, fisher, layer_meta=meta)
+    return loss, grads, Curvature(layers, grads, fisher, layer_meta=meta,
+                                  one_categorical=one_categorical)
   if rng is None:
     raise ValueError("fisher='sampled' needs an rng to sample targets from the model; pass "
                      "rng=jax.random.key(...) or use fisher='empirical'")
-  grads, _ = vjp_fn(ct_true.astype(outputs.dtype))
+  grads, perturb_ct = vjp_fn(ct_true.astype(outputs.dtype))
+  # The gradient's own pullback also gives each layer's output grads at the given targets.
+  empirical = assemble(layout, recorded,
+                       extract(jax.tree.map(lambda c: c * batch, perturb_ct), layout))
   deferred = FisherPullback(vjp_fn, rng, outputs, recorded, loss_family, extract, assemble,
                             layout)
-  curvature = Curvature(fisher=fisher, deferred=deferred, layer_meta=meta)
+  curvature = Curvature(fisher=fisher, deferred=deferred, layer_meta=meta,
+                        empirical_layers=empirical, one_categorical=one_categorical)
   return loss, grads, (curvature if defer else curvature.materialized())
 
 
