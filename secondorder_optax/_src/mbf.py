@@ -269,7 +269,10 @@ def mbf(
       0.1 and 0.2 trained identically); without it the autoencoder diverged. Default 0.02:
       at 0.03 the digits MLP ended three seeds at 0.056, 1.03 (a spike above Adam's 0.46)
       and 0.137, at 0.02 at 0.058, 0.051 and 0.059; the autoencoder's curve is the same
-      within 0.45 (`docs/defaults.md`, ninth round).
+      within 0.45 (`docs/defaults.md`, ninth round). The spikes came from steps the
+      mini-blocks underestimate; the exact model cap that `soo.clip_by_kl` now applies to
+      a classifier's steps removes them (seed 1 at 0.03: 0.038), and the digits end at
+      0.032 / 0.038 / 0.032 at 0.02 (thirteenth round).
     stats_decay: EMA weight of the old statistics.
     stats_every: statistics are updated at steps with `count % stats_every == 0` (an
       integer or a schedule `count -> period`; default `soo.growing_period(5)`).
