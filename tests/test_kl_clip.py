@@ -152,3 +152,20 @@ def test_exact_model_cap_can_be_turned_off_and_seng_runs_without_it():
   want, _ = plain.update(grads, plain.init(params), params, curvature=curvature)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "shared", "scan"])
+def test_exact_model_cap_for_nnx_models(kind):
+  """NNX captures (a conv net, a layer called twice, `nnx.scan` with remat): the cap equals
+  the dense computation over `nnx.State` directions."""
+  from tests import nnx_models  # pylint: disable=g-import-not-at-top
+  model, x, y, family = nnx_models.problem(kind, batch=8, seed=2)
+  pex = nnx_models.per_example_grads(model, x, y, family)
+  _, grads, curvature = soo.nnx_curvature(family)(model, x, y, jax.random.key(0))
+  lr = 10.0
+  d = sum(np.asarray(g, np.float64).reshape(len(x), -1) @ np.asarray(u, np.float64).ravel()
+          for g, u in zip(jax.tree.leaves(pex), jax.tree.leaves(nnx_models.pure(grads))))
+  expected = d.mean() / (lr * np.mean(d ** 2))
+  assert 0 < expected < 1
+  np.testing.assert_allclose(float(soo_kl_clip.exact_model_cap_scale(grads, curvature, lr)),
+                             expected, rtol=1e-4)
