@@ -32,15 +32,21 @@ def _conv_dimension_numbers(ndim: int) -> lax.ConvDimensionNumbers:
   return lax.ConvDimensionNumbers(lhs_spec=lhs, rhs_spec=rhs, out_spec=lhs)
 
 
-def _conv_patches(inputs: Array, stats: LayerStats) -> Array:
-  """im2col patches `(M, *out_spatial, prod(kernel_size) * c_in)` in kernel order."""
-  conv = stats.conv
-  n_spatial = len(conv.kernel_size)
-  c_in = inputs.shape[-1]
-  x = inputs.reshape((-1,) + inputs.shape[-(n_spatial + 1):])
+def _conv_inputs(inputs: Array, conv: Any) -> Array:
+  """A conv layer's recorded inputs as `(M, *spatial, c_in)` (batch and calls merged), with
+  its `pre_pad` applied."""
+  x = inputs.reshape((-1,) + inputs.shape[-(len(conv.kernel_size) + 1):])
   if conv.pre_pad is not None:
     mode, pads = conv.pre_pad
     x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), mode=mode)
+  return x
+
+
+def _conv_patches(inputs: Array, stats: LayerStats) -> Array:
+  """im2col patches `(M, *out_spatial, prod(kernel_size) * c_in)` in kernel order."""
+  conv = stats.conv
+  c_in = inputs.shape[-1]
+  x = _conv_inputs(inputs, conv)
   patches = lax.conv_general_dilated_patches(
       x,
       filter_shape=conv.kernel_size,
@@ -108,11 +114,7 @@ def directional_derivatives(stats: LayerStats, direction: Dict[str, Array]) -> A
   batch = x.shape[0]
   if stats.kind == "conv":
     conv = stats.conv
-    n_spatial = len(conv.kernel_size)
-    x = x.reshape((-1,) + x.shape[-(n_spatial + 1):])
-    if conv.pre_pad is not None:
-      mode, pads = conv.pre_pad
-      x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), mode=mode)
+    x = _conv_inputs(x, conv)
     outputs = lax.conv_general_dilated(
         x, kernel, window_strides=conv.strides, padding=conv.padding,
         lhs_dilation=conv.input_dilation, rhs_dilation=conv.kernel_dilation,
@@ -123,7 +125,7 @@ def directional_derivatives(stats: LayerStats, direction: Dict[str, Array]) -> A
   if stats.has_bias:
     outputs = outputs + direction["bias"].astype(dtype).reshape(-1)
   g = stats.output_grads.astype(dtype)
-  return jnp.sum((outputs.reshape(batch, -1) * g.reshape(batch, -1)), axis=-1)
+  return jnp.sum(outputs.reshape(batch, -1) * g.reshape(batch, -1), axis=-1)
 
 
 def num_locations(stats: LayerStats) -> int:
