@@ -77,11 +77,13 @@ def test_kl_clip_must_be_positive():
     soo.tnt(0.1, kl_clip=0.0)
 
 
-def _exact_cap(model, params, x, y, family, direction, lr):
-  """Dense reference: d_n = Σ_leaves ⟨∇l_n, Δ⟩ from vmapped per-example gradients."""
-  pex = models.per_example_grads(model, params, x, y, family)
-  d = sum(np.asarray(g, np.float64).reshape(len(x), -1) @ np.asarray(u, np.float64).ravel()
-          for g, u in zip(jax.tree.leaves(pex), jax.tree.leaves(direction)))
+def _exact_cap(per_example_grads, direction, lr):
+  """Dense reference: `E d_n / (η E d_n²)`, `d_n = Σ_leaves ⟨∇l_n, Δ⟩` from vmapped
+  per-example gradients (leaves with a leading batch axis, in `direction`'s order)."""
+  leaves = jax.tree.leaves(per_example_grads)
+  batch = leaves[0].shape[0]
+  d = sum(np.asarray(g, np.float64).reshape(batch, -1) @ np.asarray(u, np.float64).ravel()
+          for g, u in zip(leaves, jax.tree.leaves(direction)))
   return d.mean() / (lr * np.mean(d ** 2))
 
 
@@ -109,7 +111,7 @@ def test_exact_model_cap_matches_per_example_gradients(problem, fisher):
       params, x, y, jax.random.key(3))
   assert curvature.one_categorical
   lr = 10.0
-  expected = _exact_cap(model, params, x, y, family, grads, lr)
+  expected = _exact_cap(models.per_example_grads(model, params, x, y, family), grads, lr)
   assert 0 < expected < 1
   got = soo_kl_clip.exact_model_cap_scale(grads, curvature, lr)
   np.testing.assert_allclose(float(got), expected, rtol=1e-4)
@@ -163,9 +165,7 @@ def test_exact_model_cap_for_nnx_models(kind):
   pex = nnx_models.per_example_grads(model, x, y, family)
   _, grads, curvature = soo.nnx_curvature(family)(model, x, y, jax.random.key(0))
   lr = 10.0
-  d = sum(np.asarray(g, np.float64).reshape(len(x), -1) @ np.asarray(u, np.float64).ravel()
-          for g, u in zip(jax.tree.leaves(pex), jax.tree.leaves(nnx_models.pure(grads))))
-  expected = d.mean() / (lr * np.mean(d ** 2))
+  expected = _exact_cap(pex, nnx_models.pure(grads), lr)
   assert 0 < expected < 1
   np.testing.assert_allclose(float(soo_kl_clip.exact_model_cap_scale(grads, curvature, lr)),
                              expected, rtol=1e-4)

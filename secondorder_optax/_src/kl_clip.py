@@ -34,6 +34,7 @@ import optax
 
 from secondorder_optax._src import patches
 from secondorder_optax._src.base import all_finite
+from secondorder_optax._src.capture.common import nested_get
 
 Array = jax.Array
 
@@ -63,10 +64,7 @@ def kl_clip_scale(directions: Any, grads: Any, kl_clip: Any, learning_rate: Any)
 def _layer_direction(directions: Any, path: tuple) -> Any:
   """The direction's `{"kernel", "bias"}` of the layer at `path`, `None` where this part of
   the optimizer does not hold that layer (a partition's masked leaves)."""
-  try:
-    layer = patches.tree_get(directions, path)
-  except (KeyError, IndexError, TypeError):
-    return None
+  layer = nested_get(directions, path)
   leaves = jax.tree.leaves(layer)
   return layer if leaves and all(hasattr(x, "ndim") for x in leaves) else None
 
